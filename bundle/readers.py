@@ -1,0 +1,287 @@
+"""Whole-slide image access: MONAI ``WSIReader`` backends plus a tile-level tifffile reader, and pixel sizes.
+
+* ``"cucim"`` (default) and ``"openslide"`` are MONAI's own readers.
+* ``"tifffile"`` is :class:`TiffZarrWSIReader`: MONAI's ``TiffFileWSIReader`` decodes a whole pyramid level for
+  every patch (tens of seconds per hundred patches on a real slide), so this subclass reads through tifffile's zarr
+  interface, which decodes only the tiles that a patch touches, and takes pyramid levels from the image series (an SVS
+  file's label, macro and thumbnail pages are not levels).
+
+Pixel sizes are read from the slide (Aperio ``MPP``, TIFF resolution tags, OpenSlide properties) or given
+explicitly; they are never guessed (see :func:`resolve_mpp`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai.data.wsi_reader import BaseWSIReader, CuCIMWSIReader, OpenSlideWSIReader, TiffFileWSIReader
+from monai.utils import optional_import
+
+__all__ = [
+    "SUPPORTED_BACKENDS",
+    "TiffZarrWSIReader",
+    "SlideInfo",
+    "available_backends",
+    "default_backend",
+    "get_wsi_reader",
+    "open_slide",
+    "read_slide_info",
+    "resolve_mpp",
+]
+
+SUPPORTED_BACKENDS = ("cucim", "openslide", "tifffile")
+
+# Pixel sizes outside this range are not scan resolutions: a "72 dpi" default tag reads as 352.8 um/px.
+PLAUSIBLE_MPP_RANGE = (0.05, 20.0)
+
+_UNIT_TO_UM = {"INCH": 25400.0, "CENTIMETER": 1e4, "MILLIMETER": 1e3, "MICROMETER": 1.0}
+
+
+class TiffZarrWSIReader(TiffFileWSIReader):
+    """MONAI ``TiffFileWSIReader`` that decodes only the tiles a patch needs.
+
+    Levels are the image series' pyramid levels (``TiffFile.series[0].levels``), so SVS thumbnails, labels and macro
+    images are not mistaken for levels. Reads that extend past the slide are padded with ``fill_value``.
+
+    Args:
+        fill_value: value of pixels outside the slide. Defaults to 255 (white glass).
+        kwargs: passed to :class:`monai.data.TiffFileWSIReader` (``channel_dim``, ``dtype``, ``mode``, ...).
+    """
+
+    backend = "tifffile"
+
+    def __init__(self, fill_value: int = 255, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.fill_value = fill_value
+
+    @staticmethod
+    def _levels(wsi) -> list:
+        return list(wsi.series[0].levels)
+
+    @staticmethod
+    def get_level_count(wsi) -> int:
+        return len(TiffZarrWSIReader._levels(wsi))
+
+    def get_size(self, wsi, level: int) -> tuple[int, int]:
+        shape = self._levels(wsi)[level].shape
+        return int(shape[0]), int(shape[1])
+
+    def get_downsample_ratio(self, wsi, level: int) -> float:
+        return float(self.get_size(wsi, 0)[0]) / float(self.get_size(wsi, level)[0])
+
+    def get_mpp(self, wsi, level: int) -> tuple[float, float]:
+        ratio = self.get_downsample_ratio(wsi, level)
+        page = self._levels(wsi)[0].keyframe
+        aperio = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", page.description or "")
+        if aperio:
+            return (ratio * float(aperio.group(1)),) * 2
+        tags = page.tags
+        if "XResolution" in tags and "YResolution" in tags and "ResolutionUnit" in tags:
+            unit = tags["ResolutionUnit"].value
+            unit_name = getattr(unit, "name", str(unit)).upper()
+            xres, yres = tags["XResolution"].value, tags["YResolution"].value
+            if unit_name in _UNIT_TO_UM and xres[0] and yres[0]:
+                to_um = _UNIT_TO_UM[unit_name]
+                return ratio * to_um * yres[1] / yres[0], ratio * to_um * xres[1] / xres[0]
+        raise ValueError("`mpp` cannot be obtained for this file. Please use `level` instead.")
+
+    def _zarr_level(self, wsi, level: int):
+        cache = wsi.__dict__.setdefault("_zarr_levels", {})
+        if level not in cache:
+            zarr, _ = optional_import("zarr")
+            cache[level] = zarr.open(wsi.aszarr(series=0, level=level), mode="r")
+        return cache[level]
+
+    def _get_patch(self, wsi, location, size, level, dtype, mode) -> np.ndarray:
+        ratio = self.get_downsample_ratio(wsi, level)
+        top, left = (int(round(v / ratio)) for v in location)
+        height, width = int(size[0]), int(size[1])
+        level_h, level_w = self.get_size(wsi, level)
+        array = self._zarr_level(wsi, level)
+        channels = array.shape[2] if array.ndim == 3 else 1
+        patch = np.full((height, width, channels), self.fill_value, dtype=array.dtype)
+        r0, r1 = max(top, 0), min(top + height, level_h)
+        c0, c1 = max(left, 0), min(left + width, level_w)
+        if r1 > r0 and c1 > c0:
+            region = np.asarray(array[r0:r1, c0:c1])
+            patch[r0 - top : r1 - top, c0 - left : c1 - left] = region.reshape(r1 - r0, c1 - c0, channels)
+        if mode in "RGB":
+            if channels not in (3, 4):
+                raise ValueError(f"The image is expected to have three or four color channels but has {channels}.")
+            patch = patch[..., :3]
+        return np.moveaxis(patch.astype(dtype, copy=False), -1, self.channel_dim)
+
+
+def available_backends() -> list[str]:
+    """The slide-reading backends importable here, in order of preference."""
+    found = []
+    if optional_import("cucim", name="CuImage")[1]:
+        found.append("cucim")
+    if optional_import("openslide")[1]:
+        found.append("openslide")
+    found.append("tifffile")  # a hard dependency of MONAI's WSI support and of this bundle
+    return found
+
+
+def default_backend() -> str:
+    """cuCIM where it imports, else OpenSlide, else tifffile."""
+    return available_backends()[0]
+
+
+def get_wsi_reader(backend: str | None = "cucim", **kwargs: Any) -> BaseWSIReader:
+    """Create a MONAI WSI reader for ``backend`` (``"cucim"``, ``"openslide"``, ``"tifffile"`` or ``None`` = best).
+
+    Args:
+        backend: reader library. ``"tifffile"`` gives :class:`TiffZarrWSIReader`, not MONAI's whole-level reader.
+        kwargs: passed to the reader (``channel_dim``, ``dtype``, ...).
+    """
+    backend = default_backend() if backend in (None, "auto") else str(backend).lower()
+    if backend not in SUPPORTED_BACKENDS:
+        raise ValueError(f"backend must be one of {SUPPORTED_BACKENDS} (or None for the best available), got {backend!r}.")
+    if backend not in available_backends():
+        raise ImportError(
+            f"Slide backend {backend!r} is not installed here; install it (cuCIM: `pip install cucim`, OpenSlide: "
+            f"`pip install openslide-python openslide-bin`) or choose one of {available_backends()}."
+        )
+    if backend == "cucim":
+        return CuCIMWSIReader(**kwargs)
+    if backend == "openslide":
+        return OpenSlideWSIReader(**kwargs)
+    return TiffZarrWSIReader(**kwargs)
+
+
+def open_slide(path: str | os.PathLike, reader: BaseWSIReader):
+    """Open a slide with ``reader`` and return the backend's slide object, with an error that names the file.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the backend cannot read it (not a slide, truncated, unsupported format).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Slide {str(path)!r} does not exist; check the path in the manifest/datalist.")
+    try:
+        wsi = reader.read(str(path))
+        reader.get_size(wsi, 0)
+    except Exception as e:  # each backend raises its own type for unreadable files
+        raise ValueError(
+            f"Cannot read slide {str(path)!r} with the {reader.backend!r} backend ({type(e).__name__}: {e}). "
+            "The file is not a readable whole-slide image (truncated download, wrong format or corrupt); "
+            "re-download or re-export it as a tiled pyramidal TIFF/SVS, or try another backend."
+        ) from e
+    return wsi
+
+
+@dataclass
+class SlideInfo:
+    """Geometry and pixel size of one slide.
+
+    Attributes:
+        path: slide file.
+        backend: reader used.
+        level_sizes: ``(height, width)`` of each pyramid level, level 0 first.
+        downsamples: downsample factor of each level relative to level 0.
+        mpp: level-0 pixel size in micrometres (x and y assumed equal).
+        mpp_source: where ``mpp`` came from (``"slide"`` or ``"explicit"``).
+    """
+
+    path: str
+    backend: str
+    level_sizes: list[tuple[int, int]] = field(default_factory=list)
+    downsamples: list[float] = field(default_factory=list)
+    mpp: float = 0.0
+    mpp_source: str = ""
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """Level-0 ``(height, width)``."""
+        return self.level_sizes[0]
+
+
+def resolve_mpp(path: str | os.PathLike, reader: BaseWSIReader, wsi, mpp: float | None = None) -> tuple[float, str]:
+    """Return the level-0 pixel size (um/px) and its source: ``mpp`` when given, else the slide's own metadata.
+
+    A pixel size is never guessed: a slide without one (or with a placeholder such as a 72 dpi tag) and no ``mpp``
+    raises, telling the user to pass ``mpp``.
+
+    Args:
+        path: slide path, for the messages.
+        reader: the reader that opened ``wsi``.
+        wsi: the opened slide.
+        mpp: explicit level-0 pixel size in um/px, or None to read it from the slide.
+    """
+    low, high = PLAUSIBLE_MPP_RANGE
+    if mpp is not None and not (isinstance(mpp, float) and np.isnan(mpp)):
+        mpp = float(mpp)
+        if not low <= mpp <= high:
+            raise ValueError(
+                f"mpp={mpp} for slide {str(path)!r} is not a plausible pixel size (expected {low}-{high} um/px; "
+                "0.25 at 40x, 0.5 at 20x)."
+            )
+        return mpp, "explicit"
+    try:
+        mpp_y, mpp_x = reader.get_mpp(wsi, 0)
+    except Exception as e:
+        raise ValueError(
+            f"Slide {str(path)!r} has no pixel size in its metadata ({e}). Pass it explicitly (the manifest's `mpp` "
+            "column, or `mpp=`), e.g. 0.25 um/px for a 40x scan or 0.5 for 20x; it is never guessed."
+        ) from e
+    if not (low <= mpp_x <= high and low <= mpp_y <= high):
+        raise ValueError(
+            f"Slide {str(path)!r} reports a pixel size of {mpp_x:.4g} x {mpp_y:.4g} um/px, which is not a scan "
+            "resolution (often a 72 dpi placeholder tag). Pass the real pixel size explicitly (the manifest's `mpp` "
+            "column, or `mpp=`)."
+        )
+    if abs(mpp_x - mpp_y) > 0.02 * max(mpp_x, mpp_y):
+        raise ValueError(f"Slide {str(path)!r} has non-square pixels ({mpp_x} x {mpp_y} um/px); resample it first.")
+    return float(mpp_x), "slide"
+
+
+def read_slide_info(path: str | os.PathLike, backend: str | None = "cucim", mpp: float | None = None) -> SlideInfo:
+    """Open a slide and return its :class:`SlideInfo` (levels, downsamples, level-0 pixel size).
+
+    Args:
+        path: slide file (TIFF, SVS, ... whatever the backend reads).
+        backend: ``"cucim"``, ``"openslide"``, ``"tifffile"`` or None for the best available.
+        mpp: explicit level-0 pixel size in um/px; required when the slide does not record one.
+    """
+    reader = get_wsi_reader(backend)
+    wsi = open_slide(path, reader)
+    try:
+        count = reader.get_level_count(wsi)
+        sizes = [tuple(int(v) for v in reader.get_size(wsi, level)) for level in range(count)]
+        downsamples = [sizes[0][0] / s[0] for s in sizes]
+        value, source = resolve_mpp(path, reader, wsi, mpp)
+    finally:
+        _close(wsi)
+    return SlideInfo(str(path), reader.backend, sizes, downsamples, value, source)
+
+
+def _close(wsi) -> None:
+    close = getattr(wsi, "close", None)
+    if callable(close):
+        close()
+
+
+def level_for_mpp(downsamples: Sequence[float], mpp0: float, target_mpp: float, rtol: float = 0.01) -> int:
+    """Pick the coarsest pyramid level that is at least as fine as ``target_mpp`` (within ``rtol``).
+
+    Reading there and resizing down keeps full detail while decoding the fewest pixels.
+
+    Args:
+        downsamples: downsample of each level relative to level 0.
+        mpp0: level-0 pixel size (um/px).
+        target_mpp: pixel size wanted after resizing (um/px).
+        rtol: relative tolerance, so a level at 0.2501 um/px serves a 0.25 um/px request.
+    """
+    best = 0
+    for level, ds in enumerate(downsamples):
+        if mpp0 * ds <= target_mpp * (1.0 + rtol) and ds >= downsamples[best]:
+            best = level
+    return best

@@ -1,0 +1,40 @@
+"""Shared fixtures: the real public files in ../shared/realdata and a small demo dataset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+REALDATA = Path(os.environ.get("ST_LDM_REALDATA", ROOT.parent / "shared" / "realdata"))
+
+
+def realdata(*parts: str) -> Path:
+    """Path of a file in the shared real-data folder; skips the test (with the reason) when it is absent."""
+    path = REALDATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real test file {path} is absent (set ST_LDM_REALDATA to the shared realdata folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """A small demo study (2 slides: one train, one val) written by the simulator."""
+    from bundle.demo import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_dataset(root, num_slides=2, seed=3, size_um=900.0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(demo_root, tmp_path_factory) -> Path:
+    """The demo study prepared into a dataset folder (64 um patches, 48-gene panel)."""
+    from bundle.data import prepare_dataset
+
+    out = tmp_path_factory.mktemp("dataset") / "demo"
+    prepare_dataset(demo_root / "manifest.csv", out, fov_um=64.0, n_top_genes=48, min_counts=50, verbose=False)
+    return out
