@@ -495,10 +495,13 @@ def prepare_dataset(
     for row in rows:
         adata = read_st(row.st_path)
         counts, sample_genes = get_counts(adata, row.layer, name=f"sample {row.sample_id!r} ({row.st_path})")
-        mpp = row.mpp
+        mpp, mpp_source = row.mpp, "manifest"
         if mpp is None and row.metadata_path is not None:
-            mpp = read_hest_metadata(row.metadata_path)["mpp"]
+            meta = read_hest_metadata(row.metadata_path)
+            mpp, mpp_source = meta["mpp"], f"hest:{meta['mpp_key']}"
         slide = read_slide_info(row.slide_path, backend=backend, mpp=mpp)
+        if slide.mpp_source == "explicit":
+            slide.mpp_source = mpp_source
         table = _spot_table(adata)
         _check_geometry(row.sample_id, table, slide, _spot_diameter_px(adata), spot_spacing_um)
         samples.append((row, counts, sample_genes, slide, table))
