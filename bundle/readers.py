@@ -226,6 +226,11 @@ def resolve_mpp(path: str | os.PathLike, reader: BaseWSIReader, wsi, mpp: float 
             )
         return mpp, "explicit"
     try:
+        if isinstance(reader, CuCIMWSIReader) and "aperio" not in wsi.metadata:
+            # cuCIM reports spacing 1.0 with an empty unit for a TIFF without resolution tags: not a pixel size
+            units = [str(u).lower() for u in wsi.spacing_units()[:2]]
+            if not all(u in ("micrometer", "um", "micron", "\u00b5m") for u in units):
+                raise ValueError(f"the slide's spacing has units {units}, not micrometres")
         mpp_y, mpp_x = reader.get_mpp(wsi, 0)
     except Exception as e:
         raise ValueError(

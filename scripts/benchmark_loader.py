@@ -74,22 +74,22 @@ def benchmark_slide(name: str, path: str, locations_xy: np.ndarray, mpp: float, 
     rows = []
     entries = [{"image": path, "location": [float(x), float(y)], "mpp": mpp} for x, y in locations_xy]
     for backend in backends:
-        base = timed(lambda: raw_reader(backend, path, locations_xy, size), repeat=2)
+        base = timed(lambda: raw_reader(backend, path, locations_xy, size), repeat=3)
         rows.append((name, backend, "raw read_region (level 0)", n / base, 1.0))
         for workers in (0, 2):
             transform = LoadWSIPatchd("image", fov_um=size * mpp, size=size, backend=backend)
             loader = run_loader(Dataset(entries, transform=transform), workers)
-            t = timed(lambda: [None for _ in loader], repeat=2)
+            t = timed(lambda: [None for _ in loader], repeat=3)
             rows.append((name, backend, f"LoadWSIPatchd, DataLoader {workers} workers", n / t, base / t))
         transform = LoadWSIPatchd("image", fov_um=size * mpp * 2, size=size, backend=backend)
         loader = run_loader(Dataset(entries, transform=transform), 0)
-        t = timed(lambda: [None for _ in loader], repeat=2)
+        t = timed(lambda: [None for _ in loader], repeat=3)
         rows.append((name, backend, "LoadWSIPatchd, 2x field of view resized, 0 workers", n / t, base / t))
         reader = TiffZarrWSIReader() if backend == "tifffile" else backend
         patch_data = [{"image": path, "location": [int(y), int(x)]} for x, y in locations_xy]
         dataset = PatchWSIDataset(patch_data, patch_size=size, patch_level=0, include_label=False, reader=reader)
         loader = run_loader(dataset, 0)
-        t = timed(lambda: [None for _ in loader], repeat=2)
+        t = timed(lambda: [None for _ in loader], repeat=3)
         rows.append((name, backend, "MONAI PatchWSIDataset, 0 workers", n / t, base / t))
     return rows
 
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             info = read_slide_info(path, backend="tifffile")
             locations = tissue_locations(path, args.num_patches, args.size, args.seed)
             rows += benchmark_slide(name, path, locations, info.mpp, args.size, backends)
-    print(f"\n{args.num_patches} patches of {args.size}x{args.size} px per row, best of 2 timed epochs after a warm-up\n")
+    print(f"\n{args.num_patches} patches of {args.size}x{args.size} px per row, best of 3 timed epochs after a warm-up\n")
     print("| slide | backend | loader | patches/s | ratio to raw reader |")
     print("|---|---|---|---:|---:|")
     for name, backend, what, rate, ratio in rows:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from monai.config import NdarrayOrTensor
 from monai.data import MetaTensor
+from monai.data.wsi_reader import CuCIMWSIReader
 from monai.transforms import RandomizableTransform, Transform
 from monai.utils import TransformBackends, ensure_tuple_rep
 
@@ -144,13 +145,25 @@ class LoadWSIPatch(Transform):
         left = int(math.floor(top_left0[1] / ds))
         r0, c0 = max(top, 0), max(left, 0)
         r1, c1 = min(top + region[0], level_size[0]), min(left + region[1], level_size[1])
+        inside = (r0, c0, r1, c1) == (top, left, top + region[0], left + region[1])
+        if inside:
+            return self._read_inside(wsi, level, (int(round(top * ds)), int(round(left * ds))), region)
         out = np.full((region[0], region[1], 3), self.fill_value, dtype=np.uint8)
         if r1 > r0 and c1 > c0:
-            data, _ = self.reader.get_data(
-                wsi, location=(int(round(r0 * ds)), int(round(c0 * ds))), size=(r1 - r0, c1 - c0), level=level
-            )
-            out[r0 - top : r1 - top, c0 - left : c1 - left] = np.asarray(data)[: r1 - r0, : c1 - c0, :3]
+            data = self._read_inside(wsi, level, (int(round(r0 * ds)), int(round(c0 * ds))), (r1 - r0, c1 - c0))
+            out[r0 - top : r1 - top, c0 - left : c1 - left] = data
         return out
+
+    def _read_inside(self, wsi, level: int, location0: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+        """``(h, w, 3)`` uint8 pixels of a region inside the slide; ``location0`` is ``(row, col)`` at level 0.
+
+        Calls the reader's patch method directly (MONAI's ``get_data`` re-validates and builds metadata on every
+        call); cuCIM's region is used without a copy.
+        """
+        if isinstance(self.reader, CuCIMWSIReader):
+            region = wsi.read_region(location=location0[::-1], size=size[::-1], level=level)
+            return np.asarray(region)[..., :3]
+        return self.reader._get_patch(wsi, location=location0, size=size, level=level, dtype=np.uint8, mode="RGB")
 
 
 class LoadExpression(Transform):
