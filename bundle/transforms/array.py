@@ -212,7 +212,7 @@ def check_counts(counts: NdarrayOrTensor, name: str = "counts") -> None:
         counts: values that should be non-negative integers.
         name: what the values are, for the message (e.g. a sample id).
     """
-    values = torch.as_tensor(counts)
+    values = torch.as_tensor(np.array(counts) if isinstance(counts, np.ndarray) and not counts.flags.writeable else counts)
     if values.numel() == 0:
         return
     if bool((values < 0).any()):
@@ -256,6 +256,8 @@ class NormalizeExpression(Transform):
             library_size: total counts of the spot over *all* genes (as the dataset records it). Defaults to the sum
                 of ``counts``, which is only right when ``counts`` holds every gene.
         """
+        if isinstance(counts, np.ndarray) and not counts.flags.writeable:
+            counts = np.array(counts)  # e.g. a row of a read-only memory-mapped store
         if self.validate:
             check_counts(counts)
         counts = torch.as_tensor(counts, dtype=torch.float32)
