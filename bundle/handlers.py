@@ -1,0 +1,281 @@
+"""Ignite handlers for latent-diffusion training: EMA weights, gradient clipping, sample grids, final model export."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.engines.utils import IterationEvents
+from torch import nn
+
+__all__ = ["EMAHandler", "GradientClipHandler", "SampleGridHandler", "GenePanelState", "ProgressBar", "make_ema", "save_pair_grid"]
+
+
+def make_ema(network: nn.Module) -> nn.Module:
+    """A frozen copy of ``network`` to hold exponential-moving-average weights (in eval mode)."""
+    ema = copy.deepcopy(network)
+    ema.requires_grad_(False)
+    return ema.eval()
+
+
+class EMAHandler:
+    """Keep an exponential moving average of a network's weights, updated after every optimiser step.
+
+    ``ema = decay * ema + (1 - decay) * weights`` for floating-point parameters and buffers (other buffers are
+    copied). Sampling uses the EMA copy, as in DDPM/LDM training. The EMA network is an ordinary module, so it is saved
+    and restored by ``CheckpointSaver``/``CheckpointLoader`` like the network itself.
+
+    Args:
+        network: the network being trained.
+        ema_network: its copy from :func:`make_ema`.
+        decay: EMA decay per iteration. Defaults to 0.999.
+        start_iteration: before this iteration the EMA copy follows the weights exactly (warm-up). Defaults to 0.
+    """
+
+    def __init__(self, network: nn.Module, ema_network: nn.Module, decay: float = 0.999, start_iteration: int = 0) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}.")
+        self.network, self.ema_network = network, ema_network
+        self.decay, self.start_iteration = decay, start_iteration
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    @torch.no_grad()
+    def __call__(self, engine) -> None:
+        decay = self.decay if engine.state.iteration >= self.start_iteration else 0.0
+        source = _unwrap(self.network)
+        ema_state = self.ema_network.state_dict()
+        for name, value in source.state_dict().items():
+            target = ema_state[name]
+            if target.dtype.is_floating_point:
+                target.lerp_(value.to(target.dtype), 1.0 - decay)
+            else:
+                target.copy_(value)
+
+
+def _unwrap(network: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel wrappers."""
+    return network.module if hasattr(network, "module") and isinstance(network, nn.parallel.DistributedDataParallel) else network
+
+
+class GradientClipHandler:
+    """Clip the gradient norm between ``backward`` and the optimiser step (``IterationEvents.BACKWARD_COMPLETED``).
+
+    With AMP the gradients are unscaled first, so the threshold applies to true gradient values.
+
+    Args:
+        max_norm: maximum total gradient norm. Defaults to 1.0.
+    """
+
+    def __init__(self, max_norm: float = 1.0) -> None:
+        if max_norm <= 0:
+            raise ValueError(f"max_norm must be positive, got {max_norm}.")
+        self.max_norm = max_norm
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        scaler = getattr(engine, "scaler", None)
+        if getattr(engine, "amp", False) and scaler is not None:
+            scaler.unscale_(engine.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm)
+        engine.state.metrics["grad_norm"] = float(norm)
+
+
+class GenePanelState:
+    """The gene panel as a checkpoint entry: saved with the weights, checked when a checkpoint is loaded.
+
+    Put it in a ``CheckpointSaver``'s ``save_dict`` and a ``CheckpointLoader``'s ``load_dict``; loading a checkpoint
+    trained on another panel raises, naming the genes that differ.
+
+    Args:
+        genes: the panel of the data in use.
+        normalization: how expression was normalised (recorded, not checked).
+    """
+
+    def __init__(self, genes: Sequence[str], normalization: dict | None = None) -> None:
+        self.genes = [str(g) for g in genes]
+        self.normalization = dict(normalization or {})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"genes": list(self.genes), "normalization": dict(self.normalization)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from bundle.data import check_gene_panel
+
+        check_gene_panel(list(state["genes"]), self.genes, what="the dataset's gene panel (against the checkpoint's)")
+
+
+class SampleGridHandler:
+    """Every ``interval`` iterations, generate patches for fixed validation spots and save them next to the real ones.
+
+    The grid has two rows per group of spots: real patches on top, generated ones (same spots, fixed seed) below.
+    It is written as ``<output_dir>/samples/grid_iter<iteration>.png`` (and ``grid_latest.png``) and logged as an
+    MLflow artifact when an ``mlflow_handler`` with an open run is given.
+
+    Args:
+        sampler: callable ``sampler(condition, generator=...) -> (B, 3, H, W)`` images in [0, 1]
+            (:class:`bundle.sampling.ExpressionToTissuePipeline`).
+        images: real patches ``(B, 3, H, W)`` in [-1, 1] (as the training transforms make them).
+        condition: the same spots' conditions ``(B, ...)``.
+        output_dir: folder for ``samples/``.
+        interval: iterations between grids. Defaults to 500.
+        seed: seed of the sampling generator (same seed, same grid for the same weights). Defaults to 0.
+        mlflow_handler: a ``monai.handlers.MLFlowHandler`` whose run receives the PNGs.
+        columns: spots per row. Defaults to 8.
+    """
+
+    def __init__(
+        self,
+        sampler: Callable[..., torch.Tensor],
+        images: torch.Tensor,
+        condition: torch.Tensor,
+        output_dir: str | os.PathLike,
+        interval: int = 500,
+        seed: int = 0,
+        mlflow_handler: Any = None,
+        columns: int = 8,
+    ) -> None:
+        if interval < 1:
+            raise ValueError(f"interval must be >= 1 iteration, got {interval}.")
+        self.sampler, self.images, self.condition = sampler, images, condition
+        self.output_dir = Path(output_dir) / "samples"
+        self.interval, self.seed, self.mlflow_handler, self.columns = interval, seed, mlflow_handler, columns
+        self.last_path: Path | None = None
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
+        engine.add_event_handler(Events.COMPLETED, self._final)
+
+    def _final(self, engine) -> None:
+        if self.last_path is None or f"iter{engine.state.iteration}." not in self.last_path.name:
+            self(engine)
+
+    def __call__(self, engine) -> Path:
+        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        generated = self.sampler(self.condition, generator=generator).float().cpu()
+        real = ((self.images.float().cpu() + 1.0) / 2.0).clamp(0, 1)
+        path = self.output_dir / f"grid_iter{engine.state.iteration}.png"
+        save_pair_grid(real, generated, path, self.columns)
+        latest = self.output_dir / "grid_latest.png"
+        save_pair_grid(real, generated, latest, self.columns)
+        self.last_path = path
+        handler = self.mlflow_handler
+        if handler is not None and getattr(handler, "cur_run", None) is not None:
+            handler.client.log_artifact(handler.cur_run.info.run_id, str(path), artifact_path="samples")
+        return path
+
+
+def save_pair_grid(real: torch.Tensor, generated: torch.Tensor, path: str | os.PathLike, columns: int = 8) -> Path:
+    """Save real (top) and generated (below) ``(B, 3, H, W)`` [0, 1] patches as one PNG grid, atomically."""
+    from PIL import Image
+
+    from bundle.utils import atomic_path
+
+    if real.shape != generated.shape:
+        raise ValueError(f"real {tuple(real.shape)} and generated {tuple(generated.shape)} patches differ in shape.")
+    b, _, h, w = real.shape
+    columns = max(1, min(columns, b))
+    groups = -(-b // columns)
+    gap = 2
+    canvas = np.full((groups * (2 * h + gap) + (groups - 1) * 2 * gap, columns * (w + gap) - gap, 3), 255, np.uint8)
+    for i in range(b):
+        g, c = divmod(i, columns)
+        top = g * (2 * h + 3 * gap)
+        left = c * (w + gap)
+        for k, batch in enumerate((real, generated)):
+            tile = (batch[i].permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+            canvas[top + k * (h + gap) : top + k * (h + gap) + h, left : left + w] = tile
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(canvas).save(tmp, format="PNG")
+    return Path(path)
+
+
+class ProgressBar:
+    """A tqdm progress bar over each epoch's iterations that shows the loss (ignite's ``ProgressBar``).
+
+    Args:
+        output_transform: maps ``engine.state.output`` to the shown value. Defaults to the ``"loss"`` entry.
+        enabled: set False on non-zero ranks.
+    """
+
+    def __init__(self, output_transform: Callable | None = None, enabled: bool = True) -> None:
+        from monai.handlers import from_engine
+
+        self.output_transform = output_transform or from_engine(["loss"], first=True)
+        self.enabled = enabled
+
+    def attach(self, engine) -> None:
+        if not self.enabled:
+            return
+        from ignite.handlers import ProgressBar as _Bar
+
+        _Bar(persist=False).attach(engine, output_transform=self._loss)
+
+    def _loss(self, output) -> dict[str, float]:
+        value = self.output_transform(output)
+        if isinstance(value, (tuple, list)):  # from_engine([...]) returns one value per key
+            value = value[0]
+        return {"loss": float(value)}
+
+
+class ResumableCheckpointSaver:
+    """MONAI ``CheckpointSaver`` that also saves the trainer's own state (iteration, epoch) for resumption.
+
+    A config cannot put ``@train#trainer`` in the save dict of one of the trainer's handlers (a circular reference),
+    so the engine is added when the handler is attached. Files are written atomically by ignite's ``DiskSaver``.
+
+    Args:
+        save_dir: checkpoint folder.
+        save_dict: objects with ``state_dict()`` to save (network, EMA network, optimiser, ...).
+        trainer_key: key of the trainer's state in the checkpoint. Defaults to ``"trainer"``.
+        kwargs: passed to ``monai.handlers.CheckpointSaver`` (``save_interval``, ``n_saved``, ``file_prefix``, ...).
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, trainer_key: str = "trainer", **kwargs: Any) -> None:
+        self.save_dir, self.save_dict, self.trainer_key, self.kwargs = save_dir, dict(save_dict), trainer_key, kwargs
+        self.saver = None
+
+    def attach(self, engine) -> None:
+        from monai.handlers import CheckpointSaver
+
+        self.saver = CheckpointSaver(self.save_dir, {**self.save_dict, self.trainer_key: engine}, **self.kwargs)
+        self.saver.attach(engine)
+
+
+class ResumeCheckpointLoader:
+    """Load a checkpoint written by :class:`ResumableCheckpointSaver` at the start of training, trainer state included.
+
+    Does nothing when ``load_path`` is None (a fresh run). Loading uses MONAI's ``CheckpointLoader``
+    (``torch.load(..., weights_only=True)``); a :class:`GenePanelState` in ``load_dict`` refuses a checkpoint trained
+    on another gene panel.
+
+    Args:
+        load_path: checkpoint file, or None.
+        load_dict: objects to restore (the same keys as saved, without the trainer).
+        trainer_key: key of the trainer's state. Defaults to ``"trainer"``.
+        map_location: device mapping for ``torch.load``.
+    """
+
+    def __init__(self, load_path: str | None, load_dict: dict, trainer_key: str = "trainer", map_location: Any = None) -> None:
+        self.load_path, self.load_dict, self.trainer_key, self.map_location = load_path, dict(load_dict), trainer_key, map_location
+
+    def attach(self, engine) -> None:
+        if self.load_path is None:
+            return
+        from monai.handlers import CheckpointLoader
+
+        loader = CheckpointLoader(self.load_path, {**self.load_dict, self.trainer_key: engine}, map_location=self.map_location)
+        loader.attach(engine)
+        engine.logger.info(f"resuming from {self.load_path}")

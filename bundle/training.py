@@ -1,0 +1,162 @@
+"""Helpers that the training configs call: the built-in demo dataset, resumption, fixed validation spots, export."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bundle.utils import atomic_path
+
+__all__ = [
+    "ensure_demo_dataset",
+    "latest_checkpoint",
+    "fixed_batch",
+    "FinalModelSaver",
+    "save_model",
+    "load_model",
+    "count_parameters",
+]
+
+
+def ensure_demo_dataset(
+    root: str | os.PathLike, fov_um: float = 128.0, num_slides: int = 4, seed: int = 0, n_top_genes: int = 128
+) -> str:
+    """Return the built-in demo dataset folder under ``root``, generating and preparing it on first use.
+
+    ``root/raw`` holds the simulated study (Space Ranger folders, slides) and ``root/dataset`` the prepared dataset.
+    Both are reused when present.
+
+    Args:
+        root: folder for the demo study and its dataset.
+        fov_um: patch field of view the dataset's QC uses.
+        num_slides: slides to simulate (the last one is the validation slide).
+        seed: simulator seed.
+        n_top_genes: gene panel size.
+    """
+    from bundle.data import prepare_dataset
+    from bundle.demo import make_demo_dataset
+
+    root = Path(root)
+    dataset = root / "dataset"
+    if (dataset / "datalist.json").is_file():
+        return str(dataset)
+    raw = root / "raw"
+    manifest = raw / "manifest.csv"
+    if not manifest.is_file():
+        make_demo_dataset(raw, num_slides=num_slides, seed=seed, overwrite=raw.exists())
+    prepare_dataset(manifest, dataset, fov_um=fov_um, n_top_genes=n_top_genes, overwrite=True, verbose=True)
+    return str(dataset)
+
+
+def latest_checkpoint(folder: str | os.PathLike, prefix: str = "checkpoint") -> str | None:
+    """The newest ``<prefix>*.pt`` in ``folder`` (by the iteration/epoch number in its name), or None.
+
+    Used to resume a killed run: the configs pass it to a ``CheckpointLoader`` that is disabled when it is None.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = []
+    for path in folder.glob(f"{prefix}*.pt"):
+        numbers = re.findall(r"=(\d+)", path.name)
+        found.append((int(numbers[-1]) if numbers else -1, path.stat().st_mtime, path))
+    return str(max(found)[2]) if found else None
+
+
+def fixed_batch(dataset, num: int, keys: Sequence[str] = ("image", "expression")) -> dict[str, torch.Tensor]:
+    """Stack the first ``num`` items of ``dataset`` (deterministic transforms expected) for sample grids."""
+    num = min(num, len(dataset))
+    if num < 1:
+        raise ValueError("the dataset for the sample grid is empty: the dataset needs a validation split.")
+    items = [dataset[i] for i in range(num)]
+    return {k: torch.stack([torch.as_tensor(item[k]).float() for item in items]) for k in keys}
+
+
+def count_parameters(network: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in network.parameters() if p.requires_grad)
+
+
+def save_model(
+    path: str | os.PathLike,
+    network: nn.Module,
+    genes: Sequence[str],
+    scale_factor: float,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the model-zoo ``models/model.pt`` atomically: network weights plus the gene panel and scale factor.
+
+    Args:
+        path: destination.
+        network: network whose weights are saved (the EMA copy after training).
+        genes: gene panel the network was trained on; inference refuses other panels.
+        scale_factor: latent scale factor of the autoencoder used.
+        extra: more entries (normalisation, number of neighbours, iteration, ...).
+    """
+    state = {
+        "network": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+        "gene_panel": list(genes),
+        "scale_factor": float(scale_factor),
+        **(extra or {}),
+    }
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
+def load_model(path: str | os.PathLike, network: nn.Module, genes: Sequence[str] | None = None) -> dict[str, Any]:
+    """Load ``models/model.pt`` into ``network`` (``weights_only=True``), checking the gene panel when given.
+
+    Returns:
+        the checkpoint's other entries (``gene_panel``, ``scale_factor``, ...).
+    """
+    from bundle.data import check_gene_panel
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Model checkpoint {str(path)!r} does not exist; train the model first (configs/train.json).")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if genes is not None:
+        check_gene_panel(state["gene_panel"], list(genes), what="the expression data")
+    network.load_state_dict(state["network"])
+    return {k: v for k, v in state.items() if k != "network"}
+
+
+class FinalModelSaver:
+    """On ``COMPLETED``, export the (EMA) network to ``models/model.pt`` with its gene panel and scale factor.
+
+    Args:
+        path: destination (``<bundle_root>/models/model.pt``).
+        network: the network to export (the EMA copy).
+        genes: gene panel.
+        scale_factor: latent scale factor.
+        extra: more entries to store.
+        enabled: set False on non-zero ranks.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        network: nn.Module,
+        genes: Sequence[str],
+        scale_factor: float,
+        extra: dict[str, Any] | None = None,
+        enabled: bool = True,
+    ) -> None:
+        self.path, self.network, self.genes, self.scale_factor = path, network, genes, scale_factor
+        self.extra, self.enabled = dict(extra or {}), enabled
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        if self.enabled:
+            save_model(self.path, self.network, self.genes, self.scale_factor, {**self.extra, "iteration": engine.state.iteration})

@@ -1,0 +1,150 @@
+"""The training bundle (configs/train.json) run through MONAI's ConfigWorkflow with tiny overrides."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from tests.conftest import CONFIGS
+
+TINY = {
+    "patch_size": 32,
+    "patch_fov_um": 64.0,
+    "num_workers": 0,
+    "cache_rate": 1.0,
+    "batch_size": 4,
+    "val_batch_size": 16,
+    "num_sample_spots": 4,
+    "autoencoder_kwargs": {
+        "spatial_dims": 2,
+        "in_channels": 3,
+        "out_channels": 3,
+        "channels": [8, 8],
+        "latent_channels": 3,
+        "num_res_blocks": 1,
+        "attention_levels": [False, False],
+        "norm_num_groups": 4,
+        "with_encoder_nonlocal_attn": False,
+        "with_decoder_nonlocal_attn": False,
+    },
+    "discriminator_def#channels": 8,
+    "discriminator_def#num_layers_d": 1,
+    "autoencoder_iterations": 4,
+    "autoencoder_epoch_length": 2,
+    "adv_start_iteration": 2,
+    "cross_attention_dim": 16,
+    "num_context_tokens": 2,
+    "gene_encoder_hidden_dim": 32,
+    "unet_def#channels": [8, 8],
+    "unet_def#attention_levels": [False, True],
+    "unet_def#num_head_channels": [0, 8],
+    "unet_def#num_res_blocks": 1,
+    "unet_def#norm_num_groups": 8,
+    "num_iterations": 4,
+    "epoch_length": 2,
+    "warmup_iterations": 1,
+    "sample_interval": 2,
+    "num_inference_steps": 2,
+}
+
+
+def run_bundle(*config_names: str, run_id: str = "run", check: bool = False, **override) -> ConfigWorkflow:
+    """Run a bundle workflow the way ``python -m monai.bundle run`` does.
+
+    ``check`` also asserts MONAI's bundle properties; that instantiates the stage-2 trainer, which needs the
+    autoencoder checkpoint, so it is only possible once stage 1 has run.
+    """
+    workflow = ConfigWorkflow(
+        workflow_type="train",
+        config_file=[str(CONFIGS / name) for name in config_names],
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        run_id=run_id,
+        **copy.deepcopy(override),
+    )
+    workflow.initialize()
+    if check:
+        missing = workflow.check_properties()
+        assert not missing, f"missing bundle properties: {missing}"
+    workflow.run()
+    workflow.finalize()
+    return workflow
+
+
+@pytest.fixture(scope="module")
+def trained_bundle(demo_dataset, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bundle")
+    run_bundle("train.json", run_id="training", bundle_root=str(root), dataset_dir=str(demo_dataset), **TINY)
+    return root
+
+
+def test_train_runs_both_stages(trained_bundle, demo_dataset):
+    import json
+
+    from bundle.autoencoder import load_autoencoder_checkpoint
+
+    root = trained_bundle
+    autoencoder, scale_factor = load_autoencoder_checkpoint(root / "models" / "autoencoder.pt")
+    assert scale_factor > 0 and isinstance(autoencoder, torch.nn.Module)
+    model = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
+    genes = json.loads((demo_dataset / "gene_panel.json").read_text())["genes"]
+    assert model["gene_panel"] == genes
+    assert model["scale_factor"] == pytest.approx(scale_factor)
+    assert model["iteration"] == TINY["num_iterations"]
+    assert (root / "outputs" / "samples" / "grid_latest.png").is_file()
+    assert (root / "outputs" / "samples" / "grid_iter2.png").is_file()
+    assert list((root / "outputs" / "diffusion_checkpoints").glob("checkpoint*.pt"))
+
+
+def test_mlflow_run_has_params_metrics_and_grids(trained_bundle):
+    import mlflow
+
+    from monai.utils import path_to_sqlite_uri
+
+    client = mlflow.MlflowClient(path_to_sqlite_uri(os.path.abspath(trained_bundle / "outputs" / "mlruns.db")))
+    experiment = client.get_experiment_by_name("st_ldm")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    diffusion = next(r for name, r in runs.items() if not name.endswith("_autoencoder"))
+    assert any(name.endswith("_autoencoder") for name in runs)
+    assert float(diffusion.data.params["p_uncond"]) == pytest.approx(0.1)
+    assert float(diffusion.data.params["scale_factor"]) > 0
+    assert "EPCAM" in diffusion.data.params["gene_panel"] or len(diffusion.data.params["gene_panel"]) > 0
+    assert "train_loss" in diffusion.data.metrics and "val_loss" in diffusion.data.metrics
+    artifacts = [a.path for a in client.list_artifacts(diffusion.info.run_id, "samples")]
+    assert any(p.endswith(".png") for p in artifacts)
+
+
+def test_stage2_alone_reuses_the_autoencoder(trained_bundle, demo_dataset):
+    ckpt = trained_bundle / "models" / "autoencoder.pt"
+    before = ckpt.stat().st_mtime_ns
+    out = trained_bundle / "again"
+    run_bundle(
+        "train.json", run_id="training", check=True, bundle_root=str(trained_bundle), output_dir=str(out),
+        dataset_dir=str(demo_dataset), **TINY,
+    )
+    assert ckpt.stat().st_mtime_ns == before
+    assert not (out / "autoencoder_checkpoints").exists()
+    assert (out / "samples" / "grid_latest.png").is_file()
+
+
+def test_resume_refuses_another_gene_panel(trained_bundle, demo_dataset, tmp_path):
+    import json
+    import shutil
+
+    other = tmp_path / "dataset"
+    shutil.copytree(demo_dataset, other)
+    panel = json.loads((other / "gene_panel.json").read_text())
+    panel["genes"][0], panel["genes"][1] = "NOTAGENE", panel["genes"][0]
+    (other / "gene_panel.json").write_text(json.dumps(panel))
+    with pytest.raises(RuntimeError) as excinfo:  # the config expression wraps the ValueError
+        run_bundle(
+            "train.json", run_id="training", bundle_root=str(trained_bundle), dataset_dir=str(other),
+            **{**TINY, "num_iterations": 8},
+        )
+    cause = excinfo.value.__cause__
+    assert isinstance(cause, ValueError) and "missing ['" in str(cause) and "unexpected ['NOTAGENE']" in str(cause)
