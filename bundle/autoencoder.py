@@ -272,7 +272,10 @@ class AutoencoderKLIteration:
     total generator loss, a detached 0-dim tensor) and the floats ``"recon_loss"``, ``"kl_loss"``,
     ``"perceptual_loss"``, ``"adv_loss"`` (the generator's adversarial term, unweighted) and ``"d_loss"``. The
     events ``FORWARD_COMPLETED``, ``LOSS_COMPLETED``, ``BACKWARD_COMPLETED`` and ``MODEL_COMPLETED`` fire as in the
-    stock iteration, so ``decollate=True`` also works; ``decollate=False`` avoids splitting the batch for nothing.
+    stock iteration. Keep the trainer's default ``decollate=True``: the output is then split into one dictionary per
+    image (scalars replicated, the 0-dim loss as a float), which is what ``from_engine(["loss"], first=True)`` (the
+    ``output_transform`` of ``StatsHandler`` in bundle configs and of ``--tracking mlflow``) expects; on an undecollated
+    dictionary it returns a 1-tuple, which ``StatsHandler`` ignores with a warning.
 
     Args:
         discriminator: the patch discriminator, e.g. ``monai.networks.nets.PatchDiscriminator``; its last output is

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
-from monai.handlers import from_engine
+from monai.handlers import StatsHandler, from_engine
 from monai.networks.nets import AutoencoderKL, PatchDiscriminator
 from torch import nn
 
@@ -179,23 +180,38 @@ class _MSEPerceptual(nn.Module):
         return ((x - y) ** 2).mean()
 
 
-@pytest.mark.parametrize("decollate", [False, True])
-def test_loss_is_the_weighted_sum_and_handlers_read_it(decollate):
+class _ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_loss_is_the_weighted_sum_and_stock_handlers_log_it():
+    """With decollate=True (the default) MONAI's ``from_engine(["loss"], first=True)`` reads the loss, as
+    ``StatsHandler`` and ``--tracking mlflow`` do."""
     autoencoder, discriminator = tiny_autoencoder(), tiny_discriminator()
     weights = {"kl_weight": 0.01, "adv_weight": 0.5, "perceptual_weight": 2.0}
     iteration = AutoencoderKLIteration(
         discriminator, torch.optim.SGD(discriminator.parameters(), lr=0.01), perceptual_loss=_MSEPerceptual(), **weights
     )
-    trainer = make_trainer(autoencoder, iteration, image_batches(blob_images(4)), max_epochs=2, decollate=decollate)
-    trainer.run()
+    trainer = make_trainer(autoencoder, iteration, image_batches(blob_images(4)), max_epochs=2, decollate=True)
+    StatsHandler(name="ae_stats", tag_name="train_loss", output_transform=from_engine(["loss"], first=True)).attach(
+        trainer
+    )
+    messages = _ListHandler()
+    logging.getLogger("ae_stats").addHandler(messages)  # MONAI's loggers do not propagate to pytest's caplog
+    try:
+        trainer.run()
+    finally:
+        logging.getLogger("ae_stats").removeHandler(messages)
     out = trainer.state.output
-    if decollate:
-        assert isinstance(out, list) and len(out) == 4  # one dictionary per image
-        first = out[0]
-    else:
-        first = out
+    assert isinstance(out, list) and len(out) == 4  # one dictionary per image
+    first = out[0]
     loss = from_engine(["loss"], first=True)(out)
-    loss = loss[0] if isinstance(loss, tuple) else loss
+    assert isinstance(loss, (float, torch.Tensor))  # Decollated turns the 0-dim tensor into a float
     expected = (
         first["recon_loss"]
         + weights["kl_weight"] * first["kl_loss"]
@@ -203,7 +219,19 @@ def test_loss_is_the_weighted_sum_and_handlers_read_it(decollate):
         + weights["adv_weight"] * first["adv_loss"]
     )
     assert first["perceptual_loss"] > 0 and first["adv_loss"] > 0 and first["kl_loss"] > 0
-    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    logged = [m for m in messages.messages if "train_loss" in m]
+    assert len(logged) == 2 and f"train_loss: {float(loss):.4f}" in logged[-1]
+
+
+def test_without_decollate_from_engine_gives_a_tuple():
+    """Documents the MONAI behaviour behind "use decollate=True": on a dictionary, from_engine returns a tuple."""
+    autoencoder, discriminator = tiny_autoencoder(), tiny_discriminator()
+    iteration = AutoencoderKLIteration(discriminator, torch.optim.SGD(discriminator.parameters(), lr=0.01))
+    trainer = make_trainer(autoencoder, iteration, image_batches(blob_images(4)), max_epochs=1, decollate=False)
+    trainer.run()
+    assert isinstance(trainer.state.output, dict)
+    assert isinstance(from_engine(["loss"], first=True)(trainer.state.output), tuple)
 
 
 @pytest.mark.filterwarnings("ignore:.*GradScaler:FutureWarning", "ignore:.*CUDA is not available:UserWarning")
