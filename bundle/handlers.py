@@ -231,27 +231,54 @@ class ProgressBar:
 
 
 class ResumableCheckpointSaver:
-    """MONAI ``CheckpointSaver`` that also saves the trainer's own state (iteration, epoch) for resumption.
+    """Atomic checkpoints of everything needed to resume training, the trainer's own state included.
 
-    A config cannot put ``@train#trainer`` in the save dict of one of the trainer's handlers (a circular reference),
-    so the engine is added when the handler is attached. Files are written atomically by ignite's ``DiskSaver``.
+    Every ``save_interval`` epochs, ``save_dict`` plus the trainer (iteration, epoch) is written with ignite's
+    ``Checkpoint`` to ``<save_dir>/<file_prefix>_<iteration>.pt`` through a temporary file and a rename, so a run
+    killed while saving keeps its previous checkpoint intact (MONAI's ``CheckpointSaver`` writes in place). A config
+    cannot put ``@train#trainer`` in the save dict of one of the trainer's own handlers (a circular reference), so the
+    engine is added when the handler is attached.
 
     Args:
         save_dir: checkpoint folder.
         save_dict: objects with ``state_dict()`` to save (network, EMA network, optimiser, ...).
+        save_interval: epochs between checkpoints. Defaults to 1.
+        n_saved: checkpoints kept (older ones are deleted). Defaults to 1.
+        file_prefix: file name prefix. Defaults to ``"checkpoint"``.
         trainer_key: key of the trainer's state in the checkpoint. Defaults to ``"trainer"``.
-        kwargs: passed to ``monai.handlers.CheckpointSaver`` (``save_interval``, ``n_saved``, ``file_prefix``, ...).
     """
 
-    def __init__(self, save_dir: str, save_dict: dict, trainer_key: str = "trainer", **kwargs: Any) -> None:
-        self.save_dir, self.save_dict, self.trainer_key, self.kwargs = save_dir, dict(save_dict), trainer_key, kwargs
-        self.saver = None
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: dict,
+        save_interval: int = 1,
+        n_saved: int = 1,
+        file_prefix: str = "checkpoint",
+        trainer_key: str = "trainer",
+    ) -> None:
+        if save_interval < 1 or n_saved < 1:
+            raise ValueError(f"save_interval and n_saved must be >= 1, got {save_interval} and {n_saved}.")
+        self.save_dir, self.save_dict, self.trainer_key = str(save_dir), dict(save_dict), trainer_key
+        self.save_interval, self.n_saved, self.file_prefix = save_interval, n_saved, file_prefix
+        self.checkpoint = None
 
     def attach(self, engine) -> None:
-        from monai.handlers import CheckpointSaver
+        from ignite.engine import Events
+        from ignite.handlers import Checkpoint, DiskSaver
 
-        self.saver = CheckpointSaver(self.save_dir, {**self.save_dict, self.trainer_key: engine}, **self.kwargs)
-        self.saver.attach(engine)
+        self.checkpoint = Checkpoint(
+            to_save={**self.save_dict, self.trainer_key: engine},
+            save_handler=DiskSaver(self.save_dir, require_empty=False, atomic=True),
+            filename_pattern=f"{self.file_prefix}_{{global_step}}.{{ext}}",
+            n_saved=self.n_saved,
+            global_step_transform=lambda e, _: e.state.iteration,
+        )
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self._save)
+
+    def _save(self, engine) -> None:
+        self.checkpoint(engine)
+        engine.logger.info(f"saved checkpoint {self.checkpoint.last_checkpoint} at iteration {engine.state.iteration}")
 
 
 class ResumeCheckpointLoader:

@@ -55,7 +55,7 @@ def ensure_demo_dataset(
 
 
 def latest_checkpoint(folder: str | os.PathLike, prefix: str = "checkpoint") -> str | None:
-    """The newest ``<prefix>*.pt`` in ``folder`` (by the iteration/epoch number in its name), or None.
+    """The newest ``<prefix>*.pt`` in ``folder`` (by the iteration number ending its name), or None.
 
     Used to resume a killed run: the configs pass it to a ``CheckpointLoader`` that is disabled when it is None.
     """
@@ -64,7 +64,7 @@ def latest_checkpoint(folder: str | os.PathLike, prefix: str = "checkpoint") -> 
         return None
     found = []
     for path in folder.glob(f"{prefix}*.pt"):
-        numbers = re.findall(r"=(\d+)", path.name)
+        numbers = re.findall(r"(\d+)\.pt$", path.name)
         found.append((int(numbers[-1]) if numbers else -1, path.stat().st_mtime, path))
     return str(max(found)[2]) if found else None
 
