@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-HEAVY = ("scanpy", "anndata", "mlflow", "cucim", "openslide", "squidpy")
+HEAVY = ("scanpy", "anndata", "mlflow", "cucim", "openslide", "squidpy", "diffusers")
 
 
 def _loaded_after(statement: str) -> set[str]:
@@ -18,7 +18,8 @@ def _loaded_after(statement: str) -> set[str]:
 def test_import_bundle_stays_light():
     baseline = _loaded_after("import monai")  # MONAI 1.6 itself imports mlflow and openslide when present
     loaded = _loaded_after(
-        "import bundle, bundle.utils, bundle.readers, bundle.transforms, bundle.data, bundle.demo, bundle.wsi"
+        "import bundle, bundle.utils, bundle.readers, bundle.transforms, bundle.data, bundle.demo, bundle.wsi, "
+        "bundle.networks, bundle.engines, bundle.autoencoder, bundle.handlers, bundle.sampling, bundle.training"
     )
     assert loaded - baseline == set(), f"import bundle loaded {sorted(loaded - baseline)} beyond import monai"
     assert not {"scanpy", "anndata", "cucim"} & loaded

@@ -124,7 +124,7 @@ def test_stage2_alone_reuses_the_autoencoder(trained_bundle, demo_dataset):
     before = ckpt.stat().st_mtime_ns
     out = trained_bundle / "again"
     run_bundle(
-        "train.json", run_id="training", check=True, bundle_root=str(trained_bundle), output_dir=str(out),
+        "train.json", run_id="run", check=True, bundle_root=str(trained_bundle), output_dir=str(out),
         dataset_dir=str(demo_dataset), **TINY,
     )
     assert ckpt.stat().st_mtime_ns == before

@@ -1,0 +1,76 @@
+"""The expression-to-tissue sampler: input checks, determinism for a seed, classifier-free guidance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from monai.networks.schedulers import DDIMScheduler
+
+from bundle.handlers import save_pair_grid
+from bundle.networks import GeneCondNet, GeneConditionedUNet
+from bundle.sampling import ExpressionToTissuePipeline
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    torch.manual_seed(0)
+    autoencoder = AutoencoderKL(
+        spatial_dims=2, in_channels=3, out_channels=3, channels=(8, 8), latent_channels=3, num_res_blocks=1,
+        attention_levels=(False, False), norm_num_groups=4, with_encoder_nonlocal_attn=False,
+        with_decoder_nonlocal_attn=False,
+    )
+    unet = DiffusionModelUNet(
+        spatial_dims=2, in_channels=3, out_channels=3, channels=(8, 8), attention_levels=(False, True),
+        num_head_channels=(0, 8), num_res_blocks=1, norm_num_groups=8, with_conditioning=True, cross_attention_dim=16,
+    )
+    for p in unet.parameters():  # MONAI zero-initialises output layers; make the condition visible in the output
+        torch.nn.init.normal_(p, std=0.05)
+    network = GeneConditionedUNet(GeneCondNet(5, 16, num_tokens=2, hidden_dim=16, num_neighbors=6), unet)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, prediction_type="v_prediction", clip_sample=False)
+    return ExpressionToTissuePipeline(network, autoencoder, scheduler, scale_factor=0.5, latent_shape=(3, 8, 8),
+                                      num_inference_steps=3, guidance_scale=3.0)
+
+
+def test_same_seed_same_patch_and_range(pipeline):
+    condition = torch.rand(2, 7, 5)
+    a = pipeline(condition, generator=torch.Generator().manual_seed(4))
+    b = pipeline(condition, generator=torch.Generator().manual_seed(4))
+    c = pipeline(condition, generator=torch.Generator().manual_seed(5))
+    assert a.shape == (2, 3, 16, 16) and a.min() >= 0 and a.max() <= 1
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_guidance_and_condition_change_the_output(pipeline):
+    condition = torch.rand(2, 7, 5)
+    seed = 7
+    guided = pipeline(condition, guidance_scale=3.0, generator=torch.Generator().manual_seed(seed))
+    unguided = pipeline(condition, guidance_scale=1.0, generator=torch.Generator().manual_seed(seed))
+    other = pipeline(condition * 5, guidance_scale=3.0, generator=torch.Generator().manual_seed(seed))
+    assert not torch.allclose(guided, unguided)
+    assert not torch.allclose(guided, other)
+
+
+def test_check_inputs_teach(pipeline):
+    with pytest.raises(ValueError, match="5-gene panel"):
+        pipeline(torch.rand(1, 7, 4))
+    with pytest.raises(ValueError, match=r"uses 6 neighbouring spots.*SpatialContextd"):
+        pipeline(torch.rand(1, 5))
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        pipeline(torch.rand(1, 7, 5), num_inference_steps=0)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        pipeline(torch.rand(1, 7, 5), guidance_scale=-1.0)
+    with pytest.raises(ValueError, match="scale_factor"):
+        ExpressionToTissuePipeline(pipeline.network, pipeline.autoencoder, pipeline.scheduler, 0.0, (3, 8, 8))
+
+
+def test_pair_grid_written(tmp_path):
+    real, fake = torch.zeros(3, 3, 4, 4), torch.ones(3, 3, 4, 4)
+    path = save_pair_grid(real, fake, tmp_path / "g.png", columns=2)
+    from PIL import Image
+
+    grid = torch.from_numpy(__import__("numpy").asarray(Image.open(path)))
+    assert grid[0, 0].tolist() == [0, 0, 0] and grid[6, 0].tolist() == [255, 255, 255]  # real row, then generated
+    with pytest.raises(ValueError, match="differ in shape"):
+        save_pair_grid(real, fake[:2], tmp_path / "h.png")
