@@ -160,3 +160,47 @@ class FinalModelSaver:
     def __call__(self, engine) -> None:
         if self.enabled:
             save_model(self.path, self.network, self.genes, self.scale_factor, {**self.extra, "iteration": engine.state.iteration})
+
+
+def save_executed_config(output_dir: str | os.PathLike, argv: Sequence[str] | None = None) -> list[str]:
+    """Write the configuration of this ``python -m monai.bundle run`` call, for MLflow, and return ``[path]``.
+
+    The config files named by ``--config_file`` are merged in order and the other ``--key value`` overrides of the
+    command line applied, as ``monai.bundle`` does, then exported (unresolved) to
+    ``<output_dir>/executed_config.json``. Outside that command line (e.g. ``ConfigWorkflow`` in Python) there is
+    nothing to record and the list is empty.
+
+    Args:
+        output_dir: folder for ``executed_config.json``.
+        argv: command line to read (defaults to ``sys.argv``).
+    """
+    import ast
+    import sys
+
+    from monai.bundle import ConfigParser
+
+    argv = list(sys.argv if argv is None else argv)
+    if "--config_file" not in argv[:-1]:
+        return []
+
+    def value(text: str):
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+
+    files = value(argv[argv.index("--config_file") + 1])
+    parser = ConfigParser()
+    parser.read_config(files if isinstance(files, (list, tuple)) else [files])
+    skip = {"--config_file", "--meta_file", "--logging_file", "--tracking", "--workflow_type", "--args_file"}
+    i = 0
+    while i < len(argv):
+        if argv[i].startswith("--") and argv[i] not in skip and i + 1 < len(argv):
+            parser[argv[i][2:]] = value(argv[i + 1])
+            i += 2
+        else:
+            i += 1
+    path = Path(output_dir) / "executed_config.json"
+    with atomic_path(path, suffix=".json") as tmp:
+        ConfigParser.export_config_file(parser.get(), str(tmp), fmt="json", indent=4)
+    return [str(path)]

@@ -61,3 +61,14 @@ def test_killed_run_resumes_from_its_last_checkpoint(demo_dataset, tmp_path):
     assert "stage 1: using the autoencoder" in log  # stage 1 was complete and is not retrained
     model = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert model["iteration"] == 160
+    # the command line's merged configuration is kept next to the run and in MLflow
+    executed = json.loads((root / "outputs" / "executed_config.json").read_text())
+    assert executed["num_iterations"] == 160 and executed["dataset_dir"] == str(demo_dataset)
+    import mlflow
+
+    from monai.utils import path_to_sqlite_uri
+
+    client = mlflow.MlflowClient(path_to_sqlite_uri(str(root / "outputs" / "mlruns.db")))
+    runs = client.search_runs([client.get_experiment_by_name("st_ldm").experiment_id])
+    finished = [r for r in runs if not r.info.run_name.endswith("_autoencoder") and r.info.status == "FINISHED"]
+    assert any("executed_config.json" in [a.path for a in client.list_artifacts(r.info.run_id)] for r in finished)
