@@ -227,7 +227,7 @@ class ProgressBar:
         value = self.output_transform(output)
         if isinstance(value, (tuple, list)):  # from_engine([...]) returns one value per key
             value = value[0]
-        return {"loss": float(value)}
+        return {"loss": float(value.detach()) if isinstance(value, torch.Tensor) else float(value)}
 
 
 class ResumableCheckpointSaver:
