@@ -1,6 +1,6 @@
 """Synthetic colorectal-cancer Visium study: H&E slides plus matching 10x Space Ranger outputs.
 
-Real Visium slides cannot be downloaded where this bundle is developed and tested, so this module simulates a small
+Real Visium slides cannot be downloaded everywhere the bundle must run, so this module simulates a small
 study that exercises every reader of the bundle with real file formats:
 
 * a pyramidal, tiled, JPEG-compressed TIFF per slide at 0.25 um/px (40x), written by
