@@ -41,7 +41,7 @@ from monai.networks.nets.autoencoderkl import Decoder, Encoder
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
-from bundle.utils import atomic_path
+from bundle.utils import atomic_path, unwrap_network
 
 __all__ = [
     "SDCompatibleAutoencoderKL",
@@ -217,17 +217,6 @@ def build_autoencoder(network_kwargs: Mapping[str, Any]) -> AutoencoderKL:
     if any(network_kwargs.get(name) not in (None, False) for name in _EXTENSION_KWARGS):
         return SDCompatibleAutoencoderKL(**network_kwargs)
     return AutoencoderKL(**{k: v for k, v in network_kwargs.items() if k not in _EXTENSION_KWARGS})
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    """Return the network inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile`` wrappers."""
-    while True:
-        inner = getattr(module, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(module, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return module
-        module = inner
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -474,7 +463,7 @@ def compute_scale_factor(
     """
     if int(max_batches) != max_batches or max_batches < 1:
         raise ValueError(f"max_batches must be a positive int, got {max_batches}.")
-    model = _unwrap(autoencoder)
+    model = unwrap_network(autoencoder)
     was_training = model.training
     model.eval()
     latents = []
@@ -550,7 +539,7 @@ def save_autoencoder_checkpoint(
         extra: further entries (numbers, strings, lists, dictionaries, tensors), e.g. the training iteration.
     """
     scale = _check_scale_factor(scale_factor, "scale_factor")
-    model = _unwrap(autoencoder)
+    model = unwrap_network(autoencoder)
     if network_kwargs is None:
         network_kwargs = getattr(model, "init_kwargs", None)
     kwargs = _check_loadable(dict(network_kwargs), "network_kwargs") if network_kwargs is not None else None
@@ -654,7 +643,7 @@ def load_autoencoder_checkpoint(
         autoencoder = build_autoencoder(kwargs)
         if isinstance(map_location, (str, torch.device)):
             autoencoder = autoencoder.to(map_location)
-    _load_state_strict(_unwrap(autoencoder), checkpoint[_CKPT_WEIGHTS], f"checkpoint {str(path)!r}", kwargs)
+    _load_state_strict(unwrap_network(autoencoder), checkpoint[_CKPT_WEIGHTS], f"checkpoint {str(path)!r}", kwargs)
     autoencoder.eval()
     return autoencoder, scale
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import json
 import os
 import shutil
 import tempfile
@@ -592,7 +591,7 @@ def prepare_dataset(
         for local, i in enumerate(kept_idx):
             datalist[SPLIT_KEYS[row.split]].append(
                 {
-                    "image": str(slide.path if Path(slide.path).is_absolute() else Path(slide.path).resolve()),
+                    "image": str(Path(slide.path).resolve()),
                     "location": [float(table["x"][i]), float(table["y"][i])],
                     "mpp": slide.mpp,
                     "expression": offset + local,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ import numpy as np
 import torch
 from monai.engines.utils import IterationEvents
 from torch import nn
+
+from bundle.utils import atomic_path, unwrap_network
 
 __all__ = ["EMAHandler", "GradientClipHandler", "SampleGridHandler", "GenePanelState", "ProgressBar", "make_ema", "save_pair_grid"]
 
@@ -51,7 +54,7 @@ class EMAHandler:
     @torch.no_grad()
     def __call__(self, engine) -> None:
         decay = self.decay if engine.state.iteration >= self.start_iteration else 0.0
-        source = _unwrap(self.network)
+        source = unwrap_network(self.network)
         ema_state = self.ema_network.state_dict()
         for name, value in source.state_dict().items():
             target = ema_state[name]
@@ -59,11 +62,6 @@ class EMAHandler:
                 target.lerp_(value.to(target.dtype), 1.0 - decay)
             else:
                 target.copy_(value)
-
-
-def _unwrap(network: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel wrappers."""
-    return network.module if hasattr(network, "module") and isinstance(network, nn.parallel.DistributedDataParallel) else network
 
 
 class GradientClipHandler:
@@ -168,8 +166,8 @@ class SampleGridHandler:
         real = ((self.images.float().cpu() + 1.0) / 2.0).clamp(0, 1)
         path = self.output_dir / f"grid_iter{engine.state.iteration}.png"
         save_pair_grid(real, generated, path, self.columns)
-        latest = self.output_dir / "grid_latest.png"
-        save_pair_grid(real, generated, latest, self.columns)
+        with atomic_path(self.output_dir / "grid_latest.png") as tmp:
+            shutil.copyfile(path, tmp)
         self.last_path = path
         handler = self.mlflow_handler
         if handler is not None and getattr(handler, "cur_run", None) is not None:
@@ -180,8 +178,6 @@ class SampleGridHandler:
 def save_pair_grid(real: torch.Tensor, generated: torch.Tensor, path: str | os.PathLike, columns: int = 8) -> Path:
     """Save real (top) and generated (below) ``(B, 3, H, W)`` [0, 1] patches as one PNG grid, atomically."""
     from PIL import Image
-
-    from bundle.utils import atomic_path
 
     if real.shape != generated.shape:
         raise ValueError(f"real {tuple(real.shape)} and generated {tuple(generated.shape)} patches differ in shape.")

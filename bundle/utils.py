@@ -11,8 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import nn
 
-__all__ = ["xy_to_rowcol", "rowcol_to_xy", "atomic_path", "write_json_atomic", "read_json", "save_npy_atomic"]
+__all__ = [
+    "xy_to_rowcol",
+    "rowcol_to_xy",
+    "atomic_path",
+    "write_json_atomic",
+    "read_json",
+    "save_npy_atomic",
+    "unwrap_network",
+]
 
 
 def xy_to_rowcol(location_xy: Sequence[float] | np.ndarray) -> tuple[float, float]:
@@ -36,8 +45,7 @@ def xy_to_rowcol(location_xy: Sequence[float] | np.ndarray) -> tuple[float, floa
 
 def rowcol_to_xy(location_rowcol: Sequence[float] | np.ndarray) -> tuple[float, float]:
     """Inverse of :func:`xy_to_rowcol`: ``(row, column)`` to ``(x, y)``."""
-    row, col = xy_to_rowcol(location_rowcol)  # the swap is its own inverse
-    return row, col
+    return xy_to_rowcol(location_rowcol)  # swapping the pair is its own inverse
 
 
 @contextmanager
@@ -86,3 +94,14 @@ def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> Path:
     with atomic_path(path, suffix=".npy") as tmp:
         np.save(tmp, array)
     return Path(path)
+
+
+def unwrap_network(module: nn.Module) -> nn.Module:
+    """Return the network inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile`` wrappers."""
+    while True:
+        inner = getattr(module, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(module, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
