@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["ExpressionToTissuePipeline"]
+__all__ = ["ExpressionToTissuePipeline", "seeded_generators"]
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def seeded_generators(seeds: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
+    """One ``torch.Generator`` per sample, seeded with ``seeds[i]``: the same seed gives the same patch in any batch."""
+    return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
 
 
 class ExpressionToTissuePipeline:
@@ -15,6 +23,13 @@ class ExpressionToTissuePipeline:
 
     Classifier-free guidance runs as one batched forward over ``[null, condition]`` (the null condition is -1
     everywhere, as in training) and combines ``uncond + scale * (cond - uncond)``.
+
+    Randomness comes only from the generators passed in. With one generator per sample (see
+    :func:`seeded_generators`) a sample's patch depends on its own seed alone, not on its position in the batch or the
+    batch size; a single generator draws the batch's noise in one go (as diffusers does). Initial latents are drawn on
+    the generator's device (CPU generators give the same image on any device); the step noise of stochastic samplers
+    (``DDPMScheduler``, ``DDIMScheduler`` with ``eta > 0``) is drawn per sample on the model's device from a generator
+    seeded by the sample's generator.
 
     Args:
         network: the diffusion network (:class:`bundle.networks.GeneConditionedUNet`, usually its EMA copy).
@@ -26,6 +41,9 @@ class ExpressionToTissuePipeline:
         num_inference_steps: default number of denoising steps. Defaults to 50.
         guidance_scale: default CFG scale; 1.0 or None means no guidance. Defaults to 3.0.
         null_value: the unconditional condition value. Defaults to -1.0.
+        eta: DDIM noise (0 = deterministic DDIM); ignored by other schedulers. Defaults to 0.0.
+        batched_guidance: run the unconditional and conditional branches of CFG as one batched forward (default) or
+            as two forwards (same result, for benchmarking and low-memory devices).
     """
 
     def __init__(
@@ -38,6 +56,8 @@ class ExpressionToTissuePipeline:
         num_inference_steps: int = 50,
         guidance_scale: float | None = 3.0,
         null_value: float = -1.0,
+        eta: float = 0.0,
+        batched_guidance: bool = True,
     ) -> None:
         if scale_factor <= 0:
             raise ValueError(f"scale_factor must be positive (read it from the autoencoder checkpoint), got {scale_factor}.")
@@ -47,12 +67,22 @@ class ExpressionToTissuePipeline:
         self.scale_factor = float(scale_factor)
         self.latent_shape = tuple(int(v) for v in latent_shape)
         self.num_inference_steps, self.guidance_scale, self.null_value = num_inference_steps, guidance_scale, null_value
+        self.eta, self.batched_guidance = float(eta), bool(batched_guidance)
 
     @property
     def device(self) -> torch.device:
         return next(self.network.parameters()).device
 
-    def check_inputs(self, condition: torch.Tensor, num_inference_steps: int, guidance_scale: float | None) -> None:
+    @property
+    def stochastic(self) -> bool:
+        """Whether a denoising step draws noise (DDPM, or DDIM with ``eta > 0``)."""
+        from monai.networks.schedulers import DDIMScheduler
+
+        return not isinstance(self.scheduler, DDIMScheduler) or self.eta > 0
+
+    def check_inputs(
+        self, condition: torch.Tensor, num_inference_steps: int, guidance_scale: float | None, generator: Generators = None
+    ) -> None:
         """Raise ``ValueError`` with what to do when an input does not fit the model."""
         num_genes = getattr(self.network, "num_genes", None)
         num_neighbors = getattr(self.network, "num_neighbors", 0) or 0
@@ -68,12 +98,67 @@ class ExpressionToTissuePipeline:
                 f"the model uses {num_neighbors} neighbouring spots: condition must be (B, {1 + num_neighbors}, "
                 f"{num_genes}) (SpatialContextd), got {tuple(condition.shape)}."
             )
+        if not torch.isfinite(condition).all():
+            raise ValueError("condition contains NaN or infinite values; fill missing genes (e.g. with 0) first.")
         if num_inference_steps < 1 or num_inference_steps > self.scheduler.num_train_timesteps:
             raise ValueError(
                 f"num_inference_steps must be in [1, {self.scheduler.num_train_timesteps}], got {num_inference_steps}."
             )
         if guidance_scale is not None and guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0 (1.0 = no guidance), got {guidance_scale}.")
+        if isinstance(generator, Sequence) and len(generator) != condition.shape[0]:
+            raise ValueError(
+                f"got {len(generator)} generators for {condition.shape[0]} conditions; pass one per sample "
+                "(seeded_generators(seeds)) or a single generator."
+            )
+
+    def prepare_latents(self, batch_size: int, generator: Generators = None) -> torch.Tensor:
+        """Initial Gaussian latents ``(B, *latent_shape)`` on the model's device."""
+        if isinstance(generator, Sequence):
+            latents = [torch.randn((1, *self.latent_shape), generator=g, device=g.device) for g in generator]
+            return torch.cat([x.to(self.device) for x in latents])
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        return torch.randn((batch_size, *self.latent_shape), generator=generator, device=gen_device).to(self.device)
+
+    def step_generators(self, batch_size: int, generator: Generators = None) -> list[torch.Generator | None] | None:
+        """Per-sample generators on the model's device for the noise of stochastic steps (None for DDIM with eta 0)."""
+        if not self.stochastic or generator is None:
+            return None
+        gens = list(generator) if isinstance(generator, Sequence) else [generator] * batch_size
+        seeds = [int(torch.randint(0, 2**62, (1,), generator=g, device=g.device)) for g in gens]
+        return seeded_generators(seeds, self.device)
+
+    def guided_output(
+        self, latents: torch.Tensor, t: int | torch.Tensor, condition: torch.Tensor, guidance_scale: float | None
+    ) -> torch.Tensor:
+        """Network output at timestep ``t`` with classifier-free guidance (one batched forward unless disabled)."""
+        timesteps = torch.full((latents.shape[0],), int(t), device=latents.device, dtype=torch.long)
+        if guidance_scale is None or guidance_scale == 1.0:
+            return self.network(latents, timesteps, condition)
+        null = torch.full_like(condition, self.null_value)
+        if self.batched_guidance:
+            out = self.network(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), torch.cat([null, condition]))
+            uncond, cond = out.chunk(2)
+        else:
+            uncond = self.network(latents, timesteps, null)
+            cond = self.network(latents, timesteps, condition)
+        return uncond + guidance_scale * (cond - uncond)
+
+    def step(
+        self, output: torch.Tensor, t: int | torch.Tensor, latents: torch.Tensor, generators: list | None = None
+    ) -> torch.Tensor:
+        """One scheduler step; stochastic schedulers draw each sample's noise from its own generator."""
+        kwargs = {"eta": self.eta} if "eta" in inspect.signature(self.scheduler.step).parameters else {}
+        if generators is None:
+            return self.scheduler.step(output, t, latents, **kwargs)[0]
+        return torch.cat(
+            [self.scheduler.step(output[i : i + 1], t, latents[i : i + 1], generator=g, **kwargs)[0] for i, g in enumerate(generators)]
+        )
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode scaled latents to images in [0, 1]."""
+        images = self.autoencoder.decode_stage_2_outputs(latents / self.scale_factor)
+        return ((images + 1.0) / 2.0).clamp(0.0, 1.0)
 
     @torch.no_grad()
     def __call__(
@@ -81,40 +166,42 @@ class ExpressionToTissuePipeline:
         condition: torch.Tensor,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
+        progress: bool = False,
     ) -> torch.Tensor:
-        """Generate ``(B, 3, H, W)`` patches in [0, 1] for conditions ``(B, G)`` or ``(B, 1 + K, G)``."""
+        """Generate ``(B, 3, H, W)`` patches in [0, 1] for conditions ``(B, G)`` or ``(B, 1 + K, G)``.
+
+        Args:
+            condition: normalised expression (panel order), optionally with the neighbours from ``SpatialContextd``.
+            num_inference_steps: denoising steps (defaults to the pipeline's).
+            guidance_scale: CFG scale (defaults to the pipeline's; 1.0 = no guidance).
+            generator: a generator, one per sample, or None (global RNG).
+            progress: show a progress bar over the steps.
+        """
         steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         condition = torch.as_tensor(condition, dtype=torch.float32)
-        self.check_inputs(condition, steps, scale)
-        device = self.device
-        condition = condition.to(device)
+        self.check_inputs(condition, steps, scale, generator)
+        condition = condition.to(self.device)
         was_training = self.network.training
         self.network.eval()
         self.autoencoder.eval()
         try:
             # 1. timesteps
-            self.scheduler.set_timesteps(steps, device=device)
-            # 2. initial latents, drawn on the generator's device so that a seed gives the same image everywhere
-            gen_device = generator.device if generator is not None else torch.device("cpu")
-            latents = torch.randn((condition.shape[0], *self.latent_shape), generator=generator, device=gen_device)
-            latents = latents.to(device)
-            guided = scale is not None and scale != 1.0
-            if guided:
-                both = torch.cat([torch.full_like(condition, self.null_value), condition], dim=0)
+            self.scheduler.set_timesteps(steps, device=self.device)
+            # 2. initial latents and the generators of the step noise
+            latents = self.prepare_latents(condition.shape[0], generator)
+            generators = self.step_generators(condition.shape[0], generator)
             # 3. denoise
-            for t in self.scheduler.timesteps:
-                timesteps = torch.full((latents.shape[0] * (2 if guided else 1),), int(t), device=device, dtype=torch.long)
-                if guided:
-                    out = self.network(torch.cat([latents, latents], dim=0), timesteps, both)
-                    uncond, cond = out.chunk(2)
-                    out = uncond + scale * (cond - uncond)
-                else:
-                    out = self.network(latents, timesteps, condition)
-                latents, _ = self.scheduler.step(out, t, latents)
+            timesteps = self.scheduler.timesteps
+            if progress:
+                from tqdm.auto import tqdm
+
+                timesteps = tqdm(timesteps, desc="denoising", leave=False)
+            for t in timesteps:
+                latents = self.step(self.guided_output(latents, t, condition, scale), t, latents, generators)
             # 4. decode and rescale to [0, 1]
-            images = self.autoencoder.decode_stage_2_outputs(latents / self.scale_factor)
+            images = self.decode(latents)
         finally:
             self.network.train(was_training)
-        return ((images + 1.0) / 2.0).clamp(0.0, 1.0)
+        return images

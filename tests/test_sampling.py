@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
-from monai.networks.schedulers import DDIMScheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from bundle.handlers import save_pair_grid
 from bundle.networks import GeneCondNet, GeneConditionedUNet
-from bundle.sampling import ExpressionToTissuePipeline
+from bundle.sampling import ExpressionToTissuePipeline, seeded_generators
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +74,27 @@ def test_pair_grid_written(tmp_path):
     assert grid[0, 0].tolist() == [0, 0, 0] and grid[6, 0].tolist() == [255, 255, 255]  # real row, then generated
     with pytest.raises(ValueError, match="differ in shape"):
         save_pair_grid(real, fake[:2], tmp_path / "h.png")
+
+
+def test_per_sample_generators_do_not_depend_on_batch(pipeline):
+    condition = torch.rand(3, 7, 5)
+    batch = pipeline(condition, generator=seeded_generators([11, 12, 13]))
+    alone = pipeline(condition[1:2], generator=seeded_generators([12]))
+    torch.testing.assert_close(batch[1:2], alone, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="one per sample"):
+        pipeline(condition, generator=seeded_generators([1, 2]))
+
+
+def test_ddpm_is_seeded_per_sample_and_two_forward_cfg_matches(pipeline):
+    ddpm = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction", clip_sample=False)
+    sampler = ExpressionToTissuePipeline(pipeline.network, pipeline.autoencoder, ddpm, 0.5, (3, 8, 8), num_inference_steps=4)
+    assert sampler.stochastic and not pipeline.stochastic
+    condition = torch.rand(2, 7, 5)
+    a = sampler(condition, generator=seeded_generators([3, 4]))
+    b = sampler(condition[1:], generator=seeded_generators([4]))
+    torch.testing.assert_close(a[1:], b, atol=1e-5, rtol=0)
+    c = sampler(condition, generator=seeded_generators([3, 5]))
+    torch.testing.assert_close(a[:1], c[:1], atol=1e-5, rtol=0)
+    assert not torch.allclose(a[1:], c[1:])
+    sampler.batched_guidance = False
+    torch.testing.assert_close(sampler(condition, generator=seeded_generators([3, 4])), a, atol=1e-5, rtol=0)
