@@ -32,19 +32,22 @@ TINY = {
         "with_encoder_nonlocal_attn": False,
         "with_decoder_nonlocal_attn": False,
     },
-    "discriminator_def#channels": 8,
-    "discriminator_def#num_layers_d": 1,
+    "discriminator_kwargs": {"channels": 8, "num_layers_d": 1},
     "autoencoder_iterations": 4,
     "autoencoder_epoch_length": 2,
     "adv_start_iteration": 2,
     "cross_attention_dim": 16,
     "num_context_tokens": 2,
     "gene_encoder_hidden_dim": 32,
-    "unet_def#channels": [8, 8],
-    "unet_def#attention_levels": [False, True],
-    "unet_def#num_head_channels": [0, 8],
-    "unet_def#num_res_blocks": 1,
-    "unet_def#norm_num_groups": 8,
+    "unet_kwargs": {
+        "spatial_dims": 2,
+        "channels": [8, 8],
+        "attention_levels": [False, True],
+        "num_head_channels": [0, 8],
+        "num_res_blocks": 1,
+        "norm_num_groups": 8,
+        "transformer_num_layers": 1,
+    },
     "num_iterations": 4,
     "epoch_length": 2,
     "warmup_iterations": 1,
@@ -96,6 +99,8 @@ def test_train_runs_both_stages(trained_bundle, demo_dataset):
     assert model["gene_panel"] == genes
     assert model["scale_factor"] == pytest.approx(scale_factor)
     assert model["iteration"] == TINY["num_iterations"]
+    assert model["architecture"]["unet_kwargs"] == TINY["unet_kwargs"]  # inference checks its config against this
+    assert model["patch_size"] == TINY["patch_size"] and model["latent_shape"][0] == 3
     assert (root / "outputs" / "samples" / "grid_latest.png").is_file()
     assert (root / "outputs" / "samples" / "grid_iter2.png").is_file()
     assert list((root / "outputs" / "diffusion_checkpoints").glob("checkpoint*.pt"))
