@@ -597,7 +597,7 @@ def _load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], what
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [
-        f"{k} (autoencoder {tuple(own[k].shape)}, checkpoint {tuple(state[k].shape)})"
+        f"{k} (network {tuple(own[k].shape)}, checkpoint {tuple(state[k].shape)})"
         for k in own
         if k in state and tuple(own[k].shape) != tuple(state[k].shape)
     ]
@@ -605,13 +605,13 @@ def _load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], what
     if missing:
         problems.append(f"missing from the checkpoint: {_names(missing)}")
     if unexpected:
-        problems.append(f"not in the autoencoder: {_names(unexpected)}")
+        problems.append(f"not in the network: {_names(unexpected)}")
     if shapes:
         problems.append(f"different shapes: {_names(shapes, 4)}")
     if problems:
         raise ValueError(
-            f"the autoencoder does not match {what}: {'; '.join(problems)}. The config's autoencoder settings must "
-            f"match the ones the checkpoint was saved with (network_kwargs={kwargs}); or build the autoencoder from "
+            f"the network does not match {what}: {'; '.join(problems)}. The config's network settings must "
+            f"match the ones the checkpoint was saved with ({kwargs}); for the autoencoder, build it from "
             f"the checkpoint with load_autoencoder_checkpoint(path) (autoencoder=None)."
         )
     model.load_state_dict(state, strict=True)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bundle.utils import atomic_path
+from bundle.utils import atomic_path, unwrap_network
 
 __all__ = [
     "ensure_demo_dataset",
@@ -110,12 +110,25 @@ def save_model(
     return Path(path)
 
 
-def load_model(path: str | os.PathLike, network: nn.Module, genes: Sequence[str] | None = None) -> dict[str, Any]:
+def load_model(
+    path: str | os.PathLike,
+    network: nn.Module,
+    genes: Sequence[str] | None = None,
+    architecture: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Load ``models/model.pt`` into ``network`` (``weights_only=True``), checking the gene panel when given.
+
+    Args:
+        path: the checkpoint.
+        network: the network built from the config (``network_def``).
+        genes: genes of the expression data that will condition it; refused unless they are the checkpoint's panel.
+        architecture: the config's architecture settings (the ``architecture`` entry that training records); a
+            difference is refused, naming the setting, before any weight is loaded.
 
     Returns:
         the checkpoint's other entries (``gene_panel``, ``scale_factor``, ...).
     """
+    from bundle.autoencoder import _load_state_strict
     from bundle.data import check_gene_panel
 
     path = Path(path)
@@ -124,7 +137,16 @@ def load_model(path: str | os.PathLike, network: nn.Module, genes: Sequence[str]
     state = torch.load(path, map_location="cpu", weights_only=True)
     if genes is not None:
         check_gene_panel(state["gene_panel"], list(genes), what="the expression data")
-    network.load_state_dict(state["network"])
+    recorded = state.get("architecture")
+    if architecture is not None and recorded is not None:
+        differ = [k for k in recorded if k in architecture and _plain(architecture[k]) != _plain(recorded[k])]
+        if differ:
+            details = "; ".join(f"{k}: checkpoint {recorded[k]!r}, config {architecture[k]!r}" for k in differ)
+            raise ValueError(
+                f"{str(path)!r} was trained with other network settings than the config's ({details}). Use the "
+                "config the model was trained with (for the demo model add configs/demo.json to --config_file)."
+            )
+    _load_state_strict(unwrap_network(network), state["network"], f"model checkpoint {str(path)!r}", recorded)
     return {k: v for k, v in state.items() if k != "network"}
 
 
@@ -160,6 +182,15 @@ class FinalModelSaver:
     def __call__(self, engine) -> None:
         if self.enabled:
             save_model(self.path, self.network, self.genes, self.scale_factor, {**self.extra, "iteration": engine.state.iteration})
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively, so that settings from JSON and Python compare equal."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def save_executed_config(output_dir: str | os.PathLike, argv: Sequence[str] | None = None) -> list[str]:
