@@ -198,6 +198,8 @@ def export_review_kit(
             f"The key {str(key_path)!r} would be inside the kit folder {str(output_dir)!r}, which is sent to the "
             "reviewers; write the key outside it (e.g. next to the kit folder)."
         )
+    if key_path.is_dir():
+        raise ValueError(f"The key path {str(key_path)!r} is a folder; give a file name such as review_key.json.")
     for what, folder in (("real", real_dir), ("generated", generated_dir)):
         if _is_within(folder, output_dir):
             raise ValueError(
@@ -239,7 +241,9 @@ def export_review_kit(
         sizes: dict[str, set[tuple[int, int]]] = {label: set() for label in LABELS}
         for name, (path, label) in zip(names, items):
             sizes[label].add(_clean_png(path, staging / "images" / name, size))
-        (staging / "index.html").write_text(render_review_page(kit_id, names, features=features, title=title))
+        (staging / "index.html").write_text(
+            render_review_page(kit_id, names, features=features, title=title), encoding="utf-8"
+        )
         key = {
             "format": KEY_FORMAT,
             "kit_id": kit_id,
@@ -250,10 +254,12 @@ def export_review_kit(
             "generated_dir": str(generated_dir.resolve()),
             "kit_dir": str(output_dir.resolve()),
             "features": [key for key, _ in features],
-            "images": {name: {"label": label, "source": str(path.resolve())} for name, (path, label) in zip(names, items)},
+            "images": {
+                name: {"label": label, "source": str(path.resolve())} for name, (path, label) in zip(names, items)
+            },
         }
         with atomic_path(key_path) as tmp_key:  # the key appears only once the kit is in place
-            tmp_key.write_text(json.dumps(key, indent=2) + "\n")
+            tmp_key.write_text(json.dumps(key, indent=2) + "\n", encoding="utf-8")
             _replace_dir(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -373,7 +379,7 @@ _PAGE = r"""<!DOCTYPE html>
 <main>
 <section id="start-screen" class="card">
   <p>You will see <strong id="count-total"></strong> H&amp;E patches, one at a time. The set mixes real patches and
-     synthetic (generated) ones. For each patch, decide whether it is <strong>real</strong> or
+     synthetic ones. For each patch, decide whether it is <strong>real</strong> or
      <strong>synthetic</strong> and how confident you are (1 = guessing, 5 = certain). The tissue-feature scores
      are optional (1 = unrealistic, 5 = fully realistic).</p>
   <p>Your answers are kept in this browser as you go, so you can close the page and come back. When you are done,
@@ -625,10 +631,14 @@ def load_key(path: str | os.PathLike) -> dict[str, Any]:
     key = read_json(path)
     images = key.get("images") if isinstance(key, dict) else None
     if not isinstance(key, dict) or key.get("format") != KEY_FORMAT or not isinstance(images, dict) or not images:
-        raise ValueError(f"{str(path)!r} is not a review-kit key (format {KEY_FORMAT!r}); pass the file written by export --key.")
+        raise ValueError(
+            f"{str(path)!r} is not a review-kit key (format {KEY_FORMAT!r}); pass the file written by export --key."
+        )
     for name, entry in images.items():
         if not isinstance(entry, dict) or entry.get("label") not in LABELS:
-            raise ValueError(f"Key {str(path)!r}: image {name!r} has no label 'real' or 'generated'; the key is damaged.")
+            raise ValueError(
+                f"Key {str(path)!r}: image {name!r} has no label 'real' or 'generated'; the key is damaged."
+            )
     return key
 
 
@@ -636,7 +646,12 @@ def _check_level(value: Any, levels: int, what: str, where: str) -> int | None:
     """``value`` as an int in ``1..levels`` or ``None``; a clear error otherwise."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or not 1 <= value <= levels:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or value != int(value)
+        or not 1 <= value <= levels
+    ):
         raise ValueError(f"{where}: {what} must be a whole number from 1 to {levels} or null, got {value!r}.")
     return int(value)
 
@@ -695,7 +710,8 @@ def load_answers(path: str | os.PathLike, key: dict[str, Any]) -> dict[str, Any]
         if not isinstance(raw_features, dict):
             raise ValueError(f"{where}, image {name!r}: 'features' must be an object of scores.")
         features = {
-            f: _check_level(v, FEATURE_LEVELS, f"feature {f!r}", f"{where}, image {name!r}") for f, v in raw_features.items()
+            f: _check_level(v, FEATURE_LEVELS, f"feature {f!r}", f"{where}, image {name!r}")
+            for f, v in raw_features.items()
         }
         answers[name] = {"call": call, "confidence": confidence, "features": features}
     if unknown:
@@ -889,11 +905,19 @@ def format_report(report: dict[str, Any]) -> str:
                 f"({kappa_label(c['kappa'])}; {c['num_images']} images, raw agreement {_fmt(c['observed_agreement'])})"
             )
         fk = agreement["fleiss_kappa"]
-        lines.append(f"  Fleiss' kappa, all reviewers: {_fmt(fk['kappa'])} ({kappa_label(fk['kappa'])}; {fk['num_images']} images)")
+        lines.append(
+            f"  Fleiss' kappa, all reviewers: {_fmt(fk['kappa'])} ({kappa_label(fk['kappa'])}; {fk['num_images']} images)"
+        )
     if report["features"]:
-        lines += ["", "mean tissue-feature scores (1-5), all reviewers:", f"  {'feature':<20}{'real':>8}{'synthetic':>11}"]
+        lines += [
+            "",
+            "mean tissue-feature scores (1-5), all reviewers:",
+            f"  {'feature':<20}{'real':>8}{'synthetic':>11}",
+        ]
         for f, m in pooled["features"].items():
-            lines.append(f"  {f:<20}{_fmt(m['real'], 2):>8}{_fmt(m['synthetic'], 2):>11}   (n = {m['n_real']} / {m['n_synthetic']})")
+            lines.append(
+                f"  {f:<20}{_fmt(m['real'], 2):>8}{_fmt(m['synthetic'], 2):>11}   (n = {m['n_real']} / {m['n_synthetic']})"
+            )
     return "\n".join(lines)
 
 
@@ -961,7 +985,9 @@ def fleiss_kappa(table: Sequence[Sequence[float]] | np.ndarray) -> float:
     """
     t = np.asarray(table, dtype=np.float64)
     if t.ndim != 2 or t.shape[0] == 0:
-        raise ValueError(f"Fleiss' kappa needs an (items, categories) table with at least one item, got shape {t.shape}.")
+        raise ValueError(
+            f"Fleiss' kappa needs an (items, categories) table with at least one item, got shape {t.shape}."
+        )
     n = t.sum(axis=1)
     if not np.allclose(n, n[0]) or n[0] < 2:
         raise ValueError("Every item must be rated by the same number of raters, at least 2 (rows of the table).")

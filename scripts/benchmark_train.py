@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import resource
 import statistics
 import sys
 import time
@@ -38,6 +37,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bundle.profiling import sync  # noqa: E402
 
 
 def load_config(root: Path, demo: bool, overrides: dict | None = None):
@@ -146,11 +147,6 @@ def build_step(parser, kind: str, device: torch.device, amp: bool, autoencoder_c
     return step, info
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_steps_interleaved(steps: dict, device, n: int, warmup: int, rounds: int) -> dict:
     """Median seconds per step of each configuration, alternating rounds of ``n // rounds`` steps."""
     for fn in steps.values():
@@ -170,32 +166,16 @@ def time_steps_interleaved(steps: dict, device, n: int, warmup: int, rounds: int
     return {name: statistics.median(v) for name, v in per.items()}
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 def _memory_child(root: str, demo: bool, kind: str, ckpt: str | None, steps: int, queue) -> None:
-    import threading
+    from bundle.profiling import PeakMemory
 
     parser = load_config(Path(root), demo)
     parser.get_parsed_content("num_genes")  # reads the gene panel before the baseline
-    base = _rss_mib()
-    step, _ = build_step(parser, kind, torch.device("cpu"), False, ckpt)
-    peak, done = [base], threading.Event()
-
-    def sample() -> None:  # RSS sampled every millisecond (torch releases the GIL in its kernels)
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_mib())
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    for _ in range(steps):
-        step()
-    done.set()
-    thread.join()
-    queue.put((peak[0], peak[0] - base))
+    with PeakMemory("cpu") as memory:
+        step, _ = build_step(parser, kind, torch.device("cpu"), False, ckpt)
+        for _ in range(steps):
+            step()
+    queue.put((memory.peak_mib, memory.delta_mib))
 
 
 def cpu_peak_memory(root: Path, demo: bool, kind: str, ckpt: str | None, steps: int = 3) -> tuple[float, float]:
