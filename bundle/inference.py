@@ -1,17 +1,57 @@
-"""Loading a trained model for generation: ``models/model.pt`` + ``models/autoencoder.pt`` -> a sampling pipeline."""
+"""Generation: load a trained model, read spots' expression, generate one H&E patch per spot, write PNGs + manifest.
+
+``configs/inference.json`` wires these pieces into a MONAI ``SupervisedEvaluator``: :func:`read_spots` reads a Space
+Ranger folder, an ``.h5ad`` or a CSV and normalises it like the training data, :func:`spot_datalist` makes one
+dictionary per spot (condition with neighbours, seed), :class:`PipelineInferer` runs the
+:class:`~bundle.sampling.ExpressionToTissuePipeline` of :func:`load_pipeline` with one seeded generator per spot, and
+:class:`PatchWriter` writes the PNGs and ``manifest.csv`` into a staging folder that becomes the output folder only
+when everything is written.
+"""
 
 from __future__ import annotations
 
+import csv
+import json
+import logging
+import math
 import os
+import re
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from monai.inferers import Inferer
 from torch import nn
 
-from bundle.sampling import ExpressionToTissuePipeline
+from bundle.sampling import ExpressionToTissuePipeline, seeded_generators
+from bundle.utils import atomic_path
 
-__all__ = ["read_model_info", "load_pipeline"]
+__all__ = [
+    "read_model_info",
+    "load_pipeline",
+    "SpotExpression",
+    "read_spots",
+    "build_conditions",
+    "select_spots",
+    "spot_seeds",
+    "spot_datalist",
+    "load_gene_sets",
+    "default_input",
+    "select_scheduler",
+    "SpotPrepareBatch",
+    "PipelineInferer",
+    "PatchWriter",
+    "patch_filename",
+    "save_image_grid",
+    "to_uint8",
+]
+
+logger = logging.getLogger(__name__)
 
 
 def read_model_info(path: str | os.PathLike) -> dict[str, Any]:
@@ -91,3 +131,760 @@ def load_pipeline(
     )
     pipeline.info = info
     return pipeline
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# reading spots for generation
+# ----------------------------------------------------------------------------------------------------------------------
+
+# CSV columns that describe a spot rather than a gene
+CSV_ID_COLUMNS = ("spot_id", "barcode", "id", "spot")
+CSV_META_COLUMNS = ("sample", "array_row", "array_col", "x_um", "y_um", "total_counts", "in_tissue")
+NEIGHBOR_RADIUS_UM = 125.0  # spots closer than this are neighbours when only positions are known (100 um lattice)
+
+
+@dataclass
+class SpotExpression:
+    """Spots ready to condition the model: log-normalised expression of the model's gene panel, with their context.
+
+    Attributes:
+        ids: spot ids (barcodes), unique, in input order.
+        expression: ``(N, G)`` float32 ``log1p(normalize_total)`` values of the panel genes, in panel order.
+        neighbors: ``(N, 6)`` row indices of each spot's hex-lattice neighbours (``-1`` where there is none), or None
+            when the input has no spot positions.
+        positions_um: ``(N, 2)`` spot centres ``(x, y)`` in micrometres, or None when unknown.
+        sample: sample (capture area) name.
+        genes: the panel the columns of ``expression`` follow.
+        source: the file or folder the spots were read from.
+    """
+
+    ids: list[str]
+    expression: np.ndarray
+    neighbors: np.ndarray | None
+    positions_um: np.ndarray | None
+    sample: str
+    genes: list[str] = field(default_factory=list)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _target_sum(normalization: Mapping[str, Any] | None) -> float:
+    """``target_sum`` of the checkpoint's normalisation record (``normalize_total+log1p`` is the only method)."""
+    if normalization is None:
+        logger.warning("the model records no normalisation; using normalize_total(target_sum=1e4) + log1p.")
+        return 1e4
+    method = normalization.get("method", "normalize_total+log1p")
+    if method != "normalize_total+log1p":
+        raise ValueError(
+            f"the model's expression was normalised with {method!r}, which generation cannot reproduce; only "
+            "'normalize_total+log1p' (what prepare_dataset writes) is supported."
+        )
+    return float(normalization.get("target_sum", 1e4))
+
+
+def _panel_columns(genes: Sequence[str], available: Sequence[str], what: str) -> list[int]:
+    """Column of each panel gene in ``available``; raises naming the panel genes that are missing."""
+    position = {}
+    for i, g in enumerate(available):
+        position.setdefault(str(g), i)
+    missing = [g for g in genes if g not in position]
+    if missing:
+        raise ValueError(
+            f"{what} lacks {len(missing)} of the model's {len(genes)} panel genes: {missing[:20]}"
+            f"{' ...' if len(missing) > 20 else ''}. The input must measure every gene of the panel (other genes are "
+            "ignored); check the gene symbols, or use a model trained on a panel that this data covers."
+        )
+    return [position[g] for g in genes]
+
+
+def _check_values(values: np.ndarray, what: str, normalized: bool) -> None:
+    """Raise unless ``values`` are finite, non-negative and (unless ``normalized``) whole numbers."""
+    if values.size == 0:
+        return
+    if not np.isfinite(values).all():
+        raise ValueError(f"{what} contains NaN or infinite values; fill missing measurements (e.g. with 0) first.")
+    if values.min() < 0:
+        raise ValueError(
+            f"{what} has negative values (min {values.min():.4g}): expected "
+            f"{'log1p(normalize_total) values (>= 0)' if normalized else 'raw counts'}; scaled or centred data cannot "
+            "be used."
+        )
+    if not normalized and not np.all(np.equal(np.mod(values, 1), 0)):
+        bad = values[np.mod(values, 1) != 0][:3]
+        raise ValueError(
+            f"{what} has non-integer values (e.g. {np.round(bad, 4).tolist()}), so it is not raw counts. Give raw "
+            "counts, or set normalized=True (--normalized True) if the values are already log1p(normalize_total) "
+            "with the model's target sum."
+        )
+
+
+def _unique_ids(ids: Sequence[Any], what: str) -> list[str]:
+    """``ids`` as strings; raises naming the ones that occur twice."""
+    ids = [str(i) for i in ids]
+    if len(set(ids)) != len(ids):
+        seen, dupes = set(), []
+        for i in ids:
+            if i in seen and i not in dupes:
+                dupes.append(i)
+            seen.add(i)
+        raise ValueError(f"{what} names some spots more than once ({dupes[:5]}); spot ids must be unique.")
+    return ids
+
+
+def _anndata_sample(adata: Any, path: Path) -> str:
+    """The sample name of an AnnData: its one Space Ranger library id, else the folder or file name."""
+    spatial = adata.uns.get("spatial")
+    libraries = list(spatial) if isinstance(spatial, Mapping) else []
+    if len(libraries) == 1:
+        return str(libraries[0])
+    if path.is_dir():
+        return path.parent.name if path.name in ("outs", "spaceranger") else path.name
+    return path.stem
+
+
+def _neighbors_from_positions(positions_um: np.ndarray | None) -> np.ndarray | None:
+    """Up to 6 spots within :data:`NEIGHBOR_RADIUS_UM` of each spot, as prepare_dataset finds them without a lattice."""
+    from bundle.data import _radius_neighbors
+
+    return None if positions_um is None else _radius_neighbors(positions_um, radius=NEIGHBOR_RADIUS_UM)
+
+
+def _read_anndata_spots(
+    adata: Any, genes: list[str], target_sum: float, layer: str | None, normalized: bool, mpp: float | None, what: str
+) -> tuple[list[str], np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Ids, expression, neighbours and positions of an AnnData from Space Ranger or an h5ad file."""
+    from scipy import sparse
+
+    from bundle.data import _spot_diameter_px, _log_normalize, get_counts, hex_neighbors
+
+    if "in_tissue" in adata.obs and (np.asarray(adata.obs["in_tissue"]) == 0).any():
+        keep = np.asarray(adata.obs["in_tissue"]) != 0
+        logger.info(f"{what}: using the {int(keep.sum())} of {adata.n_obs} spots in tissue (obs['in_tissue']).")
+        adata = adata[keep].copy()
+    if adata.n_obs == 0:
+        raise ValueError(f"{what} holds no spot.")
+    ids = _unique_ids(adata.obs_names, what)
+    if normalized:
+        if layer is not None and layer not in adata.layers:
+            raise ValueError(f"{what}: layer {layer!r} not found; available layers: {list(adata.layers)}.")
+        matrix = adata.layers[layer] if layer is not None else adata.X
+        columns = _panel_columns(genes, list(adata.var_names), what)
+        values = sparse.csr_matrix(matrix)[:, columns].toarray().astype(np.float32)
+        _check_values(values, what, normalized=True)
+        expression = values
+    else:
+        counts, all_genes = get_counts(adata, layer, name=what)
+        columns = _panel_columns(genes, all_genes, what)
+        library = np.asarray(counts.sum(axis=1)).ravel()
+        expression = _log_normalize(counts[:, columns], library, target_sum)
+    if mpp is None:
+        diameter_px = _spot_diameter_px(adata)
+        if diameter_px:
+            from bundle.data import VISIUM_SPOT_DIAMETER_UM
+
+            mpp = VISIUM_SPOT_DIAMETER_UM / diameter_px
+    positions_um = None
+    if "spatial" in adata.obsm and mpp is not None:
+        positions_um = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2] * float(mpp)
+    if "array_row" in adata.obs and "array_col" in adata.obs:
+        neighbors = hex_neighbors(np.asarray(adata.obs["array_row"]), np.asarray(adata.obs["array_col"]))
+    else:
+        neighbors = _neighbors_from_positions(positions_um)
+    return ids, expression, neighbors, positions_um
+
+
+def _read_csv_spots(
+    path: Path, genes: list[str], target_sum: float, normalized: bool, what: str
+) -> tuple[list[str], np.ndarray, np.ndarray | None, np.ndarray | None, str | None]:
+    """Ids, expression, neighbours, positions and sample of a CSV/TSV with one spot a row and one gene a column."""
+    import pandas as pd
+
+    from bundle.data import _log_normalize, hex_neighbors
+
+    sep = "\t" if path.suffix.lower() in (".tsv", ".txt") or path.name.lower().endswith(".tsv.gz") else ","
+    table = pd.read_csv(path, sep=sep)
+    if table.empty:
+        raise ValueError(f"{what} holds no spot (rows = spots, columns = genes).")
+    columns = [str(c) for c in table.columns]
+    table.columns = columns
+    id_column = next((c for c in CSV_ID_COLUMNS if c in columns), None)
+    first = columns[0]
+    if id_column is None and (first.startswith("Unnamed") or not first or table[first].dtype == object):
+        id_column = first  # the index column pandas writes (to_csv) or another leading name column
+    if id_column is None:
+        logger.info(f"{what} has no spot id column ({'/'.join(CSV_ID_COLUMNS)}): spots are named by their row number.")
+        ids = [str(i) for i in range(len(table))]
+    else:
+        ids = _unique_ids(table[id_column].tolist(), what)
+    meta = {c: table[c] for c in CSV_META_COLUMNS if c in columns}
+    if "in_tissue" in meta and (meta["in_tissue"].to_numpy() == 0).any():
+        keep = meta["in_tissue"].to_numpy() != 0
+        logger.info(f"{what}: using the {int(keep.sum())} of {len(table)} spots with in_tissue != 0.")
+        table = table[keep].reset_index(drop=True)
+        ids = [i for i, k in zip(ids, keep) if k]
+        meta = {c: table[c] for c in meta}
+    gene_columns = [c for c in columns if c != id_column and c not in CSV_META_COLUMNS]
+    non_numeric = [c for c in gene_columns if not pd.api.types.is_numeric_dtype(table[c])]
+    if non_numeric:
+        raise ValueError(
+            f"{what} has non-numeric columns {non_numeric[:10]}: apart from the spot id column "
+            f"({'/'.join(CSV_ID_COLUMNS)} or the first column) and {', '.join(CSV_META_COLUMNS)}, every column must be "
+            "a gene holding numbers."
+        )
+    panel = _panel_columns(genes, gene_columns, what)
+    values = table[gene_columns].to_numpy(dtype=np.float64)
+    _check_values(values, what, normalized)
+    if normalized:
+        expression = values[:, panel].astype(np.float32)
+    else:
+        if "total_counts" in meta:
+            library = meta["total_counts"].to_numpy(dtype=np.float64)
+        else:
+            library = values.sum(axis=1)
+            if set(gene_columns) <= set(genes):
+                logger.warning(
+                    f"{what} holds only panel genes and no total_counts column: the library size is their sum, but "
+                    "the model was trained with the total over all measured genes. Add a total_counts column (or all "
+                    "genes)."
+                )
+        expression = _log_normalize(values[:, panel], library, target_sum)
+    positions_um = None
+    if "x_um" in meta and "y_um" in meta:
+        positions_um = np.stack([meta["x_um"].to_numpy(np.float64), meta["y_um"].to_numpy(np.float64)], axis=1)
+    if "array_row" in meta and "array_col" in meta:
+        neighbors = hex_neighbors(meta["array_row"].to_numpy(), meta["array_col"].to_numpy())
+    else:
+        neighbors = _neighbors_from_positions(positions_um)
+    samples = meta["sample"].astype(str).unique().tolist() if "sample" in meta else []
+    if len(samples) > 1:
+        raise ValueError(f"{what} mixes the samples {samples[:5]}; give one sample (capture area) per file.")
+    return ids, expression, neighbors, positions_um, (samples[0] if samples else None)
+
+
+def read_spots(
+    path: str | os.PathLike,
+    genes: Sequence[str],
+    normalization: Mapping[str, Any] | None = None,
+    layer: str | None = None,
+    normalized: bool = False,
+    mpp: float | None = None,
+    sample: str | None = None,
+) -> SpotExpression:
+    """Read spots' expression and normalise it the way the model's training data was normalised.
+
+    Inputs:
+
+    - a Space Ranger ``outs/`` folder (``filtered_feature_bc_matrix.h5`` + ``spatial/``): raw counts; neighbours
+      from ``array_row``/``array_col``; positions from the full-resolution pixel coordinates;
+    - an ``.h5ad`` file: raw counts in ``layer``, else ``adata.raw``, else ``X``; neighbours from
+      ``obs["array_row"/"array_col"]`` when present, else from positions; positions from ``obsm["spatial"]``;
+    - a CSV (``.csv``, or tab-separated ``.tsv``/``.txt``): one spot a row, one gene a column, raw counts; the spot id
+      in a column ``spot_id``/``barcode``/``id``/``spot`` or the first column (as ``DataFrame.to_csv`` writes the
+      index); optional columns ``sample``, ``array_row``/``array_col`` (hex neighbours), ``x_um``/``y_um``
+      (positions), ``total_counts`` (library size; otherwise the sum of the gene columns, so give all measured
+      genes) and ``in_tissue``.
+
+    Raw counts are normalised as in ``prepare_dataset``: library size = the spot's total counts over all measured
+    genes, ``normalize_total(target_sum)`` then ``log1p``, then the panel genes are taken in panel order. Spots with
+    ``in_tissue == 0`` are skipped. Genes outside the panel are ignored; a missing panel gene is refused.
+
+    Args:
+        path: Space Ranger folder, ``.h5ad`` or CSV.
+        genes: the model's gene panel (``read_model_info(...)["gene_panel"]``).
+        normalization: the checkpoint's normalisation record (``{"method": "normalize_total+log1p", "target_sum":
+            ...}``).
+        layer: AnnData layer to read (None: ``adata.raw`` when present, else ``X``; with ``normalized``, ``X``).
+        normalized: the values are already ``log1p(normalize_total)`` with the model's target sum (used as they are).
+        mpp: micrometres per full-resolution pixel of ``obsm["spatial"]``; None derives it from the 55 um Visium
+            spot diameter in the scale factors (``spot_diameter_fullres``) when they are there.
+        sample: sample name (defaults to the Space Ranger library id, the CSV's ``sample`` column or the file name).
+
+    Returns:
+        A :class:`SpotExpression`.
+    """
+    path = Path(path)
+    genes = [str(g) for g in genes]
+    if isinstance(normalized, str):  # a command-line value such as "false"
+        normalized = normalized.strip().lower() in ("1", "true", "yes", "on")
+    if not genes:
+        raise ValueError("the gene panel is empty; read it from the model checkpoint (read_model_info).")
+    target_sum = _target_sum(normalization)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"input {str(path)!r} does not exist: give a Space Ranger outs/ folder, an .h5ad file or a CSV of spots x "
+            "genes."
+        )
+    if path.is_dir() or path.suffix.lower() == ".h5ad":
+        if path.is_dir():
+            from bundle.data import read_spaceranger
+
+            what = f"Space Ranger folder {str(path)!r}"
+            adata = read_spaceranger(path)
+        else:
+            import anndata
+
+            what = f"h5ad file {str(path)!r}"
+            adata = anndata.read_h5ad(path)
+            adata.var_names_make_unique()
+        ids, expression, neighbors, positions_um = _read_anndata_spots(
+            adata, genes, target_sum, layer, normalized, mpp, what
+        )
+        default_sample = _anndata_sample(adata, path)
+    elif path.suffix.lower() in (".csv", ".tsv", ".txt", ".gz"):
+        what = f"CSV file {str(path)!r}"
+        ids, expression, neighbors, positions_um, csv_sample = _read_csv_spots(
+            path, genes, target_sum, normalized, what
+        )
+        default_sample = csv_sample or path.name.split(".")[0]
+    else:
+        raise ValueError(
+            f"cannot read {str(path)!r}: give a Space Ranger outs/ folder, an .h5ad file or a .csv/.tsv of spots x "
+            "genes."
+        )
+    return SpotExpression(
+        ids=ids,
+        expression=np.ascontiguousarray(expression, dtype=np.float32),
+        neighbors=None if neighbors is None else np.asarray(neighbors, dtype=np.int64),
+        positions_um=positions_um,
+        sample=str(sample or default_sample),
+        genes=genes,
+        source=str(path),
+    )
+
+
+def build_conditions(spots: SpotExpression, num_neighbors: int, indices: Sequence[int] | None = None) -> torch.Tensor:
+    """The model's conditions ``(N, 1 + K, G)``: each spot followed by its ``K`` neighbours (as ``SpatialContextd``).
+
+    A missing neighbour (``-1``: off the array, not in tissue, or no positions at all) is filled with the spot's own
+    expression, as in training.
+
+    Args:
+        spots: from :func:`read_spots`.
+        num_neighbors: the model's ``num_neighbors`` (0: the spot alone, ``(N, 1, G)``).
+        indices: rows of ``spots`` to build conditions for (default: all); neighbours may be any spot of ``spots``.
+    """
+    expression = torch.from_numpy(np.asarray(spots.expression, dtype=np.float32))
+    rows = np.arange(len(spots)) if indices is None else np.asarray(indices, dtype=np.int64)
+    centre = expression[torch.from_numpy(rows)]
+    if num_neighbors == 0:
+        return centre[:, None].clone()
+    out = centre[:, None].repeat(1, 1 + num_neighbors, 1)
+    if spots.neighbors is None:
+        return out
+    neighbors = np.asarray(spots.neighbors, dtype=np.int64)
+    if neighbors.ndim != 2 or neighbors.shape[1] != num_neighbors:
+        raise ValueError(
+            f"the model uses {num_neighbors} neighbouring spots but the input gives {neighbors.shape[-1]} per spot "
+            "(6 on the Visium hex lattice); use a model trained with num_neighbors 6 or 0."
+        )
+    chosen = neighbors[rows]
+    present = chosen >= 0
+    if present.any():
+        centre_index, slot = np.nonzero(present)
+        out[torch.from_numpy(centre_index), torch.from_numpy(slot + 1)] = expression[torch.from_numpy(chosen[present])]
+    return out
+
+
+def select_spots(
+    spots: SpotExpression, spot_ids: Sequence[str] | str | None = None, num_spots: int | None = None
+) -> np.ndarray:
+    """Rows of ``spots`` to generate: the ones named in ``spot_ids`` (in that order), else all; at most ``num_spots``.
+
+    ``num_spots`` keeps that many spots spread evenly over the selection (in input order), so a preview of a slide
+    covers all of it; None keeps all.
+    """
+    if spot_ids is not None:
+        spot_ids = [spot_ids] if isinstance(spot_ids, str) else [str(s) for s in spot_ids]
+        index = {s: i for i, s in enumerate(spots.ids)}
+        unknown = [s for s in spot_ids if s not in index]
+        if unknown:
+            raise ValueError(
+                f"{len(unknown)} requested spot(s) are not in {spots.source or 'the input'}: {unknown[:10]}; ids look "
+                f"like {spots.ids[:3]} (in-tissue spots only)."
+            )
+        rows = np.asarray([index[s] for s in dict.fromkeys(spot_ids)], dtype=np.int64)
+    else:
+        rows = np.arange(len(spots), dtype=np.int64)
+    if num_spots is not None:
+        if int(num_spots) < 1:
+            raise ValueError(f"num_spots must be >= 1 (or None for every spot), got {num_spots}.")
+        if int(num_spots) < len(rows):
+            rows = rows[np.unique(np.linspace(0, len(rows) - 1, int(num_spots)).round().astype(np.int64))]
+    if len(rows) == 0:
+        raise ValueError(f"no spot selected from {spots.source or 'the input'}.")
+    return rows
+
+
+def spot_seeds(seed: int, indices: Sequence[int]) -> list[int]:
+    """Per-spot seeds: ``seed + the spot's row in the input``, so a spot keeps its patch in any subset or batch."""
+    return [int(seed) + int(i) for i in indices]
+
+
+def load_gene_sets(path: str | os.PathLike | None = None) -> dict[str, list[str]]:
+    """The built-in gene sets, plus (overriding them) those of a JSON or GMT file when ``path`` is given."""
+    from bundle.edits import builtin_gene_sets, read_gene_sets
+
+    sets = builtin_gene_sets()
+    if path:
+        sets.update(read_gene_sets(path))
+    return sets
+
+
+def _as_list(value: Sequence[str] | str | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+def spot_datalist(
+    spots: SpotExpression,
+    num_neighbors: int,
+    seed: int = 0,
+    spot_ids: Sequence[str] | str | None = None,
+    num_spots: int | None = None,
+    edits: Sequence[str] | str | None = None,
+    gene_sets: Mapping[str, Sequence[str]] | None = None,
+) -> list[dict[str, Any]]:
+    """One dictionary per spot to generate, for a MONAI ``Dataset``.
+
+    Each holds ``condition`` (``(1 + K, G)`` float32, edits applied to the spot and its neighbours), ``spot_id``,
+    ``spot_index`` (row in the input), ``seed`` (``seed + spot_index``), ``sample``, ``x_um``/``y_um`` (NaN when
+    unknown) and ``edits`` (``;``-joined).
+
+    Args:
+        spots: from :func:`read_spots`.
+        num_neighbors: the model's ``num_neighbors``.
+        seed: base seed.
+        spot_ids: ids to generate (default: all), see :func:`select_spots`.
+        num_spots: at most this many spots, spread over the selection.
+        edits: counterfactual edits (``"immune*4"``, ``"CD3E=2"``; :mod:`bundle.edits`) applied to every spot.
+        gene_sets: named gene sets the edits may use (default: the built-in ones).
+    """
+    from bundle.edits import apply_edits, parse_edit, resolve_edit
+
+    rows = select_spots(spots, spot_ids, num_spots)
+    conditions = build_conditions(spots, num_neighbors, rows)
+    if spots.neighbors is None and num_neighbors > 0:
+        logger.info(
+            f"{spots.source or 'the input'} gives no spot positions: each spot stands in for its {num_neighbors} "
+            "missing neighbours, as SpatialContextd does for spots at the tissue edge."
+        )
+    edits = [str(parse_edit(e)) for e in _as_list(edits)]
+    if edits:
+        sets = load_gene_sets() if gene_sets is None else gene_sets
+        for edit in edits:
+            touched = [spots.genes[i] for i in resolve_edit(parse_edit(edit), spots.genes, sets)]
+            logger.info(f"edit {edit}: {len(touched)} gene(s) {touched[:12]}{' ...' if len(touched) > 12 else ''}")
+        conditions = torch.from_numpy(apply_edits(conditions.numpy(), spots.genes, edits, sets))
+    positions = spots.positions_um
+    items = []
+    for k, (row, spot_seed) in enumerate(zip(rows, spot_seeds(seed, rows))):
+        items.append(
+            {
+                "condition": conditions[k],
+                "spot_id": spots.ids[row],
+                "spot_index": int(row),
+                "seed": spot_seed,
+                "sample": spots.sample,
+                "x_um": float(positions[row, 0]) if positions is not None else float("nan"),
+                "y_um": float(positions[row, 1]) if positions is not None else float("nan"),
+                "edits": ";".join(edits),
+            }
+        )
+    return items
+
+
+def default_input(demo_dir: str | os.PathLike, fov_um: float = 128.0) -> str:
+    """The demo study's validation sample (its Space Ranger folder), generating the demo study on first use."""
+    from bundle.data import read_manifest
+    from bundle.training import ensure_demo_dataset
+
+    ensure_demo_dataset(demo_dir, fov_um=fov_um)
+    rows = read_manifest(Path(demo_dir) / "raw" / "manifest.csv")
+    row = next((r for r in rows if r.split == "val"), rows[-1])
+    logger.info(f"no --input given: generating for the demo study's validation sample {row.sample_id} ({row.st_path}).")
+    return str(row.st_path)
+
+
+def select_scheduler(name: str, **schedulers: Any) -> Any:
+    """The scheduler called ``name`` (case-insensitive) among ``schedulers``, e.g. ``ddim=..., ddpm=...``."""
+    key = str(name).lower()
+    if key not in schedulers:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(schedulers)} (--scheduler).")
+    return schedulers[key]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the generation engine: inferer, batch preparation and the PNG/manifest writer
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class SpotPrepareBatch:
+    """``prepare_batch`` for a ``SupervisedEvaluator`` over :func:`spot_datalist` items.
+
+    Returns ``(condition, None, (), {"seeds": [...]})``, so the inferer gets each spot's seed.
+    """
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None, tuple, dict[str, Any]]:
+        condition = torch.as_tensor(batchdata["condition"], dtype=torch.float32)
+        condition = condition.to(device=device, non_blocking=non_blocking)
+        return condition, None, (), {"seeds": [int(s) for s in batchdata["seed"]]}
+
+
+class PipelineInferer(Inferer):
+    """Inferer that generates patches with an :class:`ExpressionToTissuePipeline`, one seeded generator per spot.
+
+    Args:
+        pipeline: the sampling pipeline (:func:`load_pipeline`).
+        num_inference_steps: denoising steps (default: the pipeline's).
+        guidance_scale: classifier-free guidance scale (default: the pipeline's; 1.0 = none).
+        progress: show a progress bar over the denoising steps of each batch.
+    """
+
+    def __init__(
+        self,
+        pipeline: ExpressionToTissuePipeline,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.pipeline, self.num_inference_steps, self.guidance_scale = pipeline, num_inference_steps, guidance_scale
+        self.progress = progress
+
+    def __call__(
+        self, inputs: torch.Tensor, network: Any = None, *args: Any, seeds: Sequence[int] | None = None, **kwargs: Any
+    ) -> torch.Tensor:
+        """Patches ``(B, 3, H, W)`` in [0, 1] for conditions ``inputs``; ``network`` is the pipeline's own."""
+        generator = seeded_generators(seeds) if seeds is not None else None
+        return self.pipeline(
+            inputs,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            generator=generator,
+            progress=self.progress,
+        )
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """``(3, H, W)`` [0, 1] image to an ``(H, W, 3)`` uint8 array."""
+    return (image.detach().float().cpu().permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+
+
+def patch_filename(index: int, spot_id: str) -> str:
+    """``<index>_<id>.png`` with characters other than letters, digits, ``.``, ``-`` and ``_`` replaced."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(spot_id)).strip("._") or "spot"
+    return f"{int(index):06d}_{safe[:80]}.png"
+
+
+MANIFEST_SPOT_COLUMNS = ("spot_id", "png", "sample", "spot_index", "seed", "x_um", "y_um", "edits")
+
+
+class PatchWriter:
+    """Ignite handler that writes each generated patch as a PNG and, at the end, ``manifest.csv``.
+
+    Everything is written into a hidden staging folder next to ``output_dir`` (``.<name>.partial-*``), which is
+    renamed to ``output_dir`` only after the last patch and the manifest are written; on an error it is deleted. So
+    ``output_dir`` is either the complete result or untouched. An existing ``output_dir`` is replaced only when it is
+    empty or holds a previous result (a ``manifest.csv``); otherwise the run is refused before anything is generated.
+
+    ``manifest.csv`` has one row per patch: ``spot_id``, ``png`` (file name in ``output_dir``), ``sample``,
+    ``spot_index`` (row in the input), ``seed``, ``x_um``, ``y_um``, ``edits``, then the ``metadata`` entries
+    (guidance scale, steps, scheduler, checkpoint paths, ...). ``generation.json`` records the same settings for the
+    whole run.
+
+    Args:
+        output_dir: folder to create.
+        metadata: run settings added to every manifest row and to ``generation.json``.
+        progress: show a progress bar over the spots.
+        pred_key: key of the generated images in ``engine.state.output``. Defaults to ``"pred"``.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        metadata: Mapping[str, Any] | None = None,
+        progress: bool = True,
+        pred_key: str = "pred",
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.metadata = dict(metadata or {})
+        self.progress, self.pred_key = progress, pred_key
+        self.staging: Path | None = None
+        self.rows: list[dict[str, Any]] = []
+        self._bar = None
+        self._start = 0.0
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.write)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
+
+    def check_output_dir(self) -> None:
+        """Refuse an existing ``output_dir`` that is neither empty nor a previous result."""
+        out = self.output_dir
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"output_dir {str(out)!r} is a file; choose a folder (--output_dir).")
+        if out.is_dir() and any(out.iterdir()) and not (out / "manifest.csv").is_file():
+            raise FileExistsError(
+                f"output_dir {str(out)!r} exists and holds files that are not a previous generation (no manifest.csv); "
+                "choose another --output_dir or empty it."
+            )
+
+    def started(self, engine) -> None:
+        import tempfile
+
+        self.check_output_dir()
+        self.output_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.output_dir.name}.partial-", dir=self.output_dir.parent))
+        self.staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should be an ordinary folder
+        self.rows = []
+        self._start = time.perf_counter()
+        total = len(getattr(engine.data_loader, "dataset", []) or []) or None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, desc="generating", unit="spot")
+
+    def write(self, engine) -> None:
+        from PIL import Image
+
+        batch = engine.state.batch
+        images = engine.state.output[self.pred_key]
+        for i in range(images.shape[0]):
+            spot_id, index = str(batch["spot_id"][i]), int(batch["spot_index"][i])
+            name = patch_filename(index, spot_id)
+            Image.fromarray(to_uint8(images[i])).save(self.staging / name, format="PNG")
+            row = {
+                "spot_id": spot_id,
+                "png": name,
+                "sample": str(batch["sample"][i]),
+                "spot_index": index,
+                "seed": int(batch["seed"][i]),
+                "x_um": _number(batch["x_um"][i]),
+                "y_um": _number(batch["y_um"][i]),
+                "edits": str(batch["edits"][i]),
+            }
+            self.rows.append({**row, **self.metadata})
+        if self._bar is not None:
+            self._bar.update(images.shape[0])
+
+    def completed(self, engine) -> None:
+        from bundle.data import _replace_dir
+
+        self._close_bar()
+        columns = list(MANIFEST_SPOT_COLUMNS) + [k for k in self.metadata if k not in MANIFEST_SPOT_COLUMNS]
+        # plain writes: nothing in the staging folder is visible under output_dir before the rename below
+        with (self.staging / "manifest.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        seconds = time.perf_counter() - self._start
+        summary = {
+            **{k: _jsonable(v) for k, v in self.metadata.items()},
+            "num_patches": len(self.rows),
+            "seconds": round(seconds, 2),
+        }
+        (self.staging / "generation.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _replace_dir(self.staging, self.output_dir)
+        self.staging = None
+        engine.logger.info(
+            f"wrote {len(self.rows)} patches and manifest.csv to {self.output_dir} in {seconds:.1f} s "
+            f"({seconds / max(1, len(self.rows)):.2f} s per patch)."
+        )
+
+    def exception_raised(self, engine, error: BaseException) -> None:
+        """Delete the staging folder and re-raise (ignite only re-raises when no handler is registered)."""
+        self._close_bar()
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
+        raise error
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _umask() -> int:
+    """The process umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _number(value: Any) -> float | str:
+    value = float(value)
+    return "" if math.isnan(value) else round(value, 3)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value)
+
+
+def save_image_grid(
+    rows: Sequence[torch.Tensor],
+    path: str | os.PathLike,
+    row_labels: Sequence[str] | None = None,
+    column_labels: Sequence[str] | None = None,
+    gap: int = 2,
+) -> Path:
+    """Save rows of ``(S, 3, H, W)`` [0, 1] patches as one PNG grid (row ``r``, column ``s``), atomically.
+
+    With labels, a white margin on the left holds ``row_labels`` and one on top ``column_labels``.
+
+    Returns:
+        The path written.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not rows:
+        raise ValueError("no rows to put in the grid.")
+    shape = tuple(rows[0].shape)
+    if any(tuple(r.shape) != shape for r in rows) or len(shape) != 4:
+        shapes = [tuple(r.shape) for r in rows]
+        raise ValueError(f"every row must hold (S, 3, H, W) patches of one shape, got {shapes}.")
+    columns, _, h, w = shape
+    font = ImageFont.load_default()
+    left = 0
+    top = 0
+    if row_labels:
+        left = max(int(font.getlength(str(t))) for t in row_labels) + 6
+    if column_labels:
+        top = 14
+    canvas = np.full((top + len(rows) * (h + gap) - gap, left + columns * (w + gap) - gap, 3), 255, np.uint8)
+    for r, images in enumerate(rows):
+        for c in range(columns):
+            y, x = top + r * (h + gap), left + c * (w + gap)
+            canvas[y : y + h, x : x + w] = to_uint8(images[c])
+    image = Image.fromarray(canvas)
+    if row_labels or column_labels:
+        draw = ImageDraw.Draw(image)
+        for r, text in enumerate(row_labels or []):
+            draw.text((2, top + r * (h + gap) + h // 2 - 5), str(text), fill=(0, 0, 0), font=font)
+        for c, text in enumerate(column_labels or []):
+            label = str(text)
+            while label and font.getlength(label) > w:
+                label = label[:-1]
+            draw.text((left + c * (w + gap), 1), label, fill=(0, 0, 0), font=font)
+    with atomic_path(path, suffix=".png") as tmp:
+        image.save(tmp, format="PNG", optimize=True)
+        tmp.chmod(0o666 & ~_umask())  # atomic_path's temporary file is private
+    return Path(path)

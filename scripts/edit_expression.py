@@ -1,0 +1,192 @@
+"""Counterfactual tissue: generate spots' patches from their measured expression and from edited expression.
+
+Every spot is generated once as measured and once per edit, with the same per-spot seed, so the differences between
+the rows of the grid come from the edit alone. Example (the demo model, after the README's training job):
+
+    python scripts/edit_expression.py --config-file configs/inference.json configs/demo.json \\
+        --num-spots 6 --edit immune*4 --edit tumour*0 --output outputs/edits/edit_grid.png
+
+An edit is TARGET*FACTOR (scale the counts: immune*4, hypoxia*0) or TARGET=VALUE (set the log-normalised value,
+CD3E=3), where TARGET is a gene of the model's panel or a gene set (built-in: the demo study's programmes epithelial,
+tumour, stroma, immune, adipose, necrosis, hypoxia, mucosa; more with --gene-sets file.json|file.gmt). Several edits
+in one row: --edit "immune*4,stroma*0". The network, schedulers and input handling come from the bundle configs
+(--config-file), so this script uses the same model definition as configs/inference.json.
+
+Writes the grid PNG (rows: original, then each edit; columns: spots) and, next to it, a JSON with the spots, seeds,
+edits and the genes each edit touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _edit_rows(texts: list[str]) -> list[list[str]]:
+    """``["immune*4", "a*2,b*0"]`` -> ``[["immune*4"], ["a*2", "b*0"]]`` (one grid row per ``--edit``)."""
+    rows = [[part.strip() for part in text.split(",") if part.strip()] for text in texts]
+    empty = [t for t, r in zip(texts, rows) if not r]
+    if empty:
+        raise ValueError(f"--edit {empty[0]!r} holds no edit; write e.g. --edit immune*4 or --edit 'immune*4,stroma*0'")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--config-file", nargs="+", default=[str(ROOT / "configs" / "inference.json")],
+        help="bundle configs, merged in order (add configs/demo.json for the demo model)",
+    )
+    parser.add_argument("--bundle-root", default=str(ROOT), help="bundle folder (models/ and datasets/demo/ under it)")
+    parser.add_argument("--input", default=None, help="Space Ranger outs/ folder, .h5ad or CSV (default: demo sample)")
+    parser.add_argument("--layer", default=None, help="AnnData layer with the raw counts")
+    parser.add_argument("--normalized", action="store_true", help="input is log1p(normalize_total), not counts")
+    parser.add_argument("--spots", nargs="+", default=None, help="spot ids (barcodes) to show")
+    parser.add_argument("--num-spots", type=int, default=6, help="spots spread over the input (without --spots)")
+    parser.add_argument("--edit", action="append", required=True, help="edit(s) of one grid row, e.g. immune*4; repeat")
+    parser.add_argument("--gene-sets", default=None, help="JSON {name: [genes]} or GMT file of extra gene sets")
+    parser.add_argument("--seed", type=int, default=None, help="base seed (a spot's seed: seed + its row in the input)")
+    parser.add_argument("--num-inference-steps", type=int, default=None, help="denoising steps (default: the config's)")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
+    parser.add_argument("--scheduler", default=None, choices=["ddim", "ddpm"], help="sampler (default: the config's)")
+    parser.add_argument("--model-path", default=None, help="models/model.pt")
+    parser.add_argument("--autoencoder-path", default=None, help="models/autoencoder.pt")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--batch-size", type=int, default=None, help="patches generated at once (default: config's)")
+    parser.add_argument("--num-threads", type=int, default=None, help="CPU threads (1 is fastest on a busy CPU)")
+    parser.add_argument("--output", default=str(ROOT / "outputs" / "edits" / "edit_grid.png"), help="grid PNG to write")
+    parser.add_argument("--no-labels", action="store_true", help="leave out the row and column labels")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
+
+    from monai.bundle import ConfigParser
+
+    from bundle.edits import apply_edits, parse_edit, resolve_edit
+    from bundle.inference import build_conditions, load_gene_sets, save_image_grid, select_spots, spot_seeds
+    from bundle.sampling import seeded_generators
+    from bundle.utils import write_json_atomic
+
+    start = time.perf_counter()
+    config = ConfigParser()
+    config.read_config([str(Path(f)) for f in args.config_file])
+    overrides: dict[str, Any] = {
+        "bundle_root": args.bundle_root,
+        "input": args.input,
+        "layer": args.layer,
+        "seed": args.seed,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "scheduler": args.scheduler,
+        "model_path": args.model_path,
+        "autoencoder_path": args.autoencoder_path,
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "gene_sets_file": args.gene_sets,
+        "num_threads": args.num_threads,
+    }
+    for key, value in overrides.items():
+        if value is not None:
+            config[key] = value
+    if args.normalized:
+        config["normalized"] = True
+
+    num_threads = config.get_parsed_content("num_threads")
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+    # check the edits against the panel before loading anything large
+    info = config.get_parsed_content("model_info")
+    genes = list(info["gene_panel"])
+    gene_sets = load_gene_sets(args.gene_sets)
+    edit_rows = _edit_rows(args.edit)
+    touched = []
+    for row in edit_rows:
+        row_genes: list[str] = []
+        for text in row:
+            found = [genes[i] for i in resolve_edit(parse_edit(text), genes, gene_sets)]
+            row_genes += [g for g in found if g not in row_genes]
+        touched.append(row_genes)
+
+    spots = config.get_parsed_content("spot_data")
+    num_neighbors = int(config.get_parsed_content("num_neighbors"))
+    rows = select_spots(spots, args.spots, None if args.spots else args.num_spots)
+    seed = int(config.get_parsed_content("seed"))
+    seeds = spot_seeds(seed, rows)
+    if spots.neighbors is None and num_neighbors > 0:
+        logging.info(f"{spots.source} gives no spot positions: each spot stands in for its missing neighbours.")
+    original = build_conditions(spots, num_neighbors, rows).numpy()
+    variants = [original] + [apply_edits(original, genes, row, gene_sets) for row in edit_rows]
+
+    pipeline = config.get_parsed_content("pipeline")
+    steps = int(config.get_parsed_content("num_inference_steps"))
+    guidance = config.get_parsed_content("guidance_scale")
+    batch_size = max(1, int(config.get_parsed_content("batch_size")))
+    conditions = torch.from_numpy(np.concatenate(variants))
+    all_seeds = seeds * len(variants)
+    images = []
+    for first in range(0, len(conditions), batch_size):
+        chunk = slice(first, first + batch_size)
+        images.append(
+            pipeline(
+                conditions[chunk], num_inference_steps=steps, guidance_scale=guidance,
+                generator=seeded_generators(all_seeds[chunk]),
+            ).cpu()
+        )
+        logging.info(f"generated {min(first + batch_size, len(conditions))}/{len(conditions)} patches")
+    images = torch.cat(images).reshape(len(variants), len(rows), *images[0].shape[1:])
+
+    labels = ["original"] + [",".join(str(parse_edit(t)) for t in row) for row in edit_rows]
+    output = Path(args.output)
+    save_image_grid(
+        list(images), output,
+        row_labels=None if args.no_labels else labels,
+        column_labels=None if args.no_labels else [spots.ids[r] for r in rows],
+    )
+    def mean_of(conditions: np.ndarray, names: list[str]) -> float:
+        """Mean log-normalised value of genes ``names`` over the spots (centre spots only)."""
+        return round(float(conditions[:, 0][:, [genes.index(g) for g in names]].mean()), 4)
+
+    description = {
+        "grid": output.name,
+        "rows": labels,
+        "patch_size": list(images.shape[-2:]),
+        "spots": [
+            {"spot_id": spots.ids[r], "spot_index": int(r), "seed": s, "sample": spots.sample}
+            for r, s in zip(rows, seeds)
+        ],
+        "edits": [
+            {
+                "row": i + 1,
+                "edit": labels[i + 1],
+                "genes": touched[i],
+                "mean_log1p_before": mean_of(original, touched[i]),
+                "mean_log1p_after": mean_of(variants[i + 1], touched[i]),
+            }
+            for i in range(len(edit_rows))
+        ],
+        "seed": seed,
+        "guidance_scale": guidance,
+        "num_inference_steps": steps,
+        "scheduler": str(config.get_parsed_content("scheduler")).lower(),
+        "model_path": str(Path(config.get_parsed_content("model_path")).resolve()),
+        "input": str(Path(spots.source).resolve()),
+        "gene_sets": args.gene_sets,
+    }
+    write_json_atomic(output.with_suffix(".json"), description)
+    print(
+        f"wrote {output} ({len(variants)} rows x {len(rows)} spots) and {output.with_suffix('.json').name} in "
+        f"{time.perf_counter() - start:.1f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

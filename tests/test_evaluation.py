@@ -1,0 +1,485 @@
+"""Evaluation (bundle/evaluation.py, configs/evaluate.json): fidelity, agreement and edit scores move the right way."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bundle import evaluation as E
+from tests.conftest import CONFIGS
+
+FOV_UM, SIZE = 64.0, 32
+
+
+@pytest.fixture
+def empty_hub(tmp_path, monkeypatch) -> Path:
+    """An empty torch hub cache, so that the Inception weights are missing whatever this machine has cached."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv("TORCH_HUB", raising=False)
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    return tmp_path / "torch_home" / "hub"
+
+
+@pytest.fixture(scope="module")
+def spots(demo_dataset):
+    """Validation and training spots of the demo dataset with their real patches, conditions and labels."""
+    val, val_index = E.select_spots(demo_dataset, "validation")
+    train, _ = E.select_spots(demo_dataset, "training")
+    store = demo_dataset / "expression.npy"
+    conditions, expression = E.load_conditions(val, store, 6)
+    _, train_expression = E.load_conditions(train, store, 0)
+    train_labels, val_labels, how = E.spot_labels(train, val, train_expression, expression)
+    genes = json.loads((demo_dataset / "gene_panel.json").read_text())["genes"]
+    return {
+        "val": val,
+        "val_index": val_index,
+        "conditions": conditions,
+        "expression": expression,
+        "real": E.load_real_patches(val, FOV_UM, SIZE),
+        "train_real": E.load_real_patches(train, FOV_UM, SIZE),
+        "train_expression": train_expression,
+        "train_labels": train_labels,
+        "val_labels": val_labels,
+        "labels_from": how,
+        "genes": genes,
+    }
+
+
+@pytest.fixture(scope="module")
+def probe(spots):
+    return E.train_probe(
+        spots["train_real"],
+        spots["train_expression"],
+        spots["genes"],
+        spots["train_labels"],
+        epochs=10,
+        width=16,
+        batch_size=16,
+        seed=0,
+    )
+
+
+class Oracle:
+    """A stand-in generator: returns the real patch of the validation spot whose expression is nearest the condition.
+
+    With ``permutation`` it returns the patch of another spot (``permutation[nearest]``): the same images, with the
+    link between condition and tissue broken.
+    """
+
+    def __init__(self, expression: np.ndarray, patches: np.ndarray, permutation: np.ndarray | None = None) -> None:
+        self.expression = torch.as_tensor(expression)
+        self.patches = torch.as_tensor(patches).float() / 255.0
+        self.permutation = permutation
+        self.calls = 0
+
+    def __call__(self, condition: torch.Tensor, generator=None) -> torch.Tensor:
+        self.calls += 1
+        assert isinstance(generator, list) and len(generator) == len(condition)
+        centre = condition[:, 0] if condition.ndim == 3 else condition
+        nearest = torch.cdist(centre.float(), self.expression).argmin(dim=1).numpy()
+        if self.permutation is not None:
+            nearest = self.permutation[nearest]
+        return self.patches[nearest]
+
+
+def test_labels_come_from_the_demo_ground_truth(spots):
+    assert "ground-truth" in spots["labels_from"]
+    assert set(spots["val_labels"]) <= {
+        "tumour",
+        "stroma",
+        "immune",
+        "adipose",
+        "necrosis",
+        "hypoxic_rim",
+        "normal_mucosa",
+        "background",
+    }
+    train_c, val_c = E.expression_clusters(spots["train_expression"], spots["expression"], num_clusters=3, seed=0)
+    again = E.expression_clusters(spots["train_expression"], spots["expression"], num_clusters=3, seed=0)
+    assert np.array_equal(train_c, again[0]) and np.array_equal(val_c, again[1])  # deterministic
+    assert np.bincount(train_c).argmax() == 0 and set(val_c) <= {0, 1, 2}
+
+
+def test_fidelity_and_agreement_conditioned_beat_shuffled(spots, probe):
+    n = len(spots["val"])
+    seeds = [int(i) for i in spots["val_index"]]
+    oracle = Oracle(spots["expression"], spots["real"])
+    shuffled = Oracle(spots["expression"], spots["real"], np.random.default_rng(0).permutation(n))
+    results = {}
+    for name, gen in (("conditioned", oracle), ("shuffled", shuffled)):
+        generated = E.generate_patches(gen, spots["conditions"], seeds, batch_size=16)
+        assert generated.shape == spots["real"].shape and generated.dtype == np.uint8
+        scores = E.probe_scores(probe, spots["real"], generated, spots["expression"], num_permutations=50)
+        _, real_pred = probe.predict(spots["real"])
+        _, gen_pred = probe.predict(generated)
+        agreement = E.compartment_agreement(probe.classes, spots["val_labels"], real_pred, gen_pred)
+        results[name] = (scores, agreement)
+    (cond, cond_agree), (shuf, shuf_agree) = results["conditioned"], results["shuffled"]
+    assert cond["ceiling_r_mean"] > 0.2, "the probe learnt nothing from the real training patches"
+    # the oracle hands back the real patch: fidelity reaches the ceiling, and shuffling destroys it
+    assert cond["fidelity_r_mean"] == pytest.approx(cond["ceiling_r_mean"], abs=1e-6)
+    assert cond["fidelity_fraction"] == pytest.approx(1.0, abs=1e-6)
+    assert shuf["fidelity_r_mean"] < cond["fidelity_r_mean"] - 0.2 and abs(shuf["fidelity_r_mean"]) < 0.2
+    assert cond["fidelity_p_value"] < 0.05 < shuf["fidelity_p_value"]
+    assert cond_agree["generated_agreement"] == cond_agree["real_accuracy"] > cond_agree["chance"]
+    assert shuf_agree["generated_agreement"] < cond_agree["generated_agreement"] - 0.15
+    confusion = np.asarray(cond_agree["confusion_generated"])
+    assert confusion.sum() == n and np.trace(confusion) == round(cond_agree["generated_agreement"] * n)
+    assert len(cond["ceiling_r"]) == len(spots["genes"])
+
+
+class Darkener:
+    """Generator whose patches darken as the mean immune expression of the condition rises (``sign=-1``: lighten)."""
+
+    def __init__(self, immune: list[int], sign: float = 1.0) -> None:
+        self.immune, self.sign = immune, sign
+
+    def __call__(self, condition: torch.Tensor, generator=None) -> torch.Tensor:
+        centre = condition[:, 0] if condition.ndim == 3 else condition
+        level = centre[:, self.immune].mean(dim=1)
+        value = (0.5 - self.sign * 0.1 * level).clamp(0.0, 1.0)
+        return value.view(-1, 1, 1, 1).expand(-1, 3, 8, 8).clone()
+
+
+def darkness_probe(genes: list[str], immune: list[int]) -> E.Probe:
+    """A probe that reads darkness as immune expression and nothing else."""
+
+    def predictor(images: torch.Tensor):
+        out = np.zeros((len(images), len(genes)), np.float32)
+        out[:, immune] = (1.0 - images.mean(dim=(1, 2, 3))).numpy()[:, None]
+        return out, None
+
+    return E.Probe(
+        "darkness", genes, [], np.zeros(len(genes), np.float32), np.ones(len(genes), np.float32), None, predictor
+    )
+
+
+def test_edit_directionality_known_answer():
+    genes = ["PTPRC", "CD3E", "CD74", "COL1A1", "EPCAM", "ACTB"]
+    immune = [0, 1, 2]
+    rng = np.random.default_rng(0)
+    expression = rng.uniform(0.5, 2.0, size=(12, len(genes))).astype(np.float32)
+    conditions = np.repeat(expression[:, None], 7, axis=1)
+    expression[0, immune] = 0.0  # a spot without immune counts: scaling cannot change it, so it is skipped
+    conditions[0][:, immune] = 0.0
+    probe = darkness_probe(genes, immune)
+    edits = E.usable_edits(["immune*4", "immune*0", "adipose*2"], genes)
+    assert edits == ["immune*4", "immune*0"]  # no adipose gene in this panel: dropped
+    with pytest.raises(ValueError, match="neither a gene"):
+        E.usable_edits(["imune*4"], genes)
+    seeds = list(range(12))
+    right = E.edit_directionality(Darkener(immune), probe, conditions, expression, genes, edits, seeds)
+    wrong = E.edit_directionality(Darkener(immune, sign=-1.0), probe, conditions, expression, genes, edits, seeds)
+    for name in edits:
+        assert right["edits"][name]["fraction"] == 1.0 and wrong["edits"][name]["fraction"] == 0.0
+        assert right["edits"][name]["n"] == 11 and right["edits"][name]["skipped"] == 1
+    assert right["overall_fraction"] == 1.0 and wrong["overall_fraction"] == 0.0
+    assert right["overall_p_value"] < 1e-5 and wrong["overall_p_value"] == pytest.approx(1.0)
+    assert right["edits"]["immune*4"]["direction"] == 1 and right["edits"]["immune*0"]["direction"] == -1
+    # a "set" edit takes its direction from the spot's own level (here above every spot's: up)
+    raised = E.edit_directionality(Darkener(immune), probe, conditions, expression, genes, ["CD3E=3"], seeds)
+    assert raised["edits"]["CD3E=3"]["fraction"] == 1.0 and raised["edits"]["CD3E=3"]["n"] == 12
+
+
+def _self_contained(text: str) -> None:
+    references = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)""", text, flags=re.I)
+    assert references and all(ref.startswith("data:") for ref in references), references
+    assert "http://" not in text and "<link" not in text.lower() and "<script" not in text.lower()
+    assert "url(" not in text
+
+
+def test_evaluate_oracle_vs_shuffled_reports(demo_dataset, spots, probe, tmp_path, empty_hub):
+    from mlflow import MlflowClient
+
+    n = len(spots["val"])
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    common = dict(
+        dataset_dir=demo_dataset,
+        patch_fov_um=FOV_UM,
+        patch_size=SIZE,
+        num_neighbors=6,
+        genes=spots["genes"],
+        probe=probe,
+        require_inception=False,
+        num_edit_spots=6,
+        kid_subsets=5,
+        tracking_uri=uri,
+        edits=["immune*4", "hypoxia*0", "adipose*4"],
+    )
+    oracle = Oracle(spots["expression"], spots["real"])
+    good = E.evaluate(
+        oracle, output_dir=tmp_path / "good", run_name="eval_good", generator_key={"g": "oracle"}, **common
+    )
+    calls = oracle.calls
+    shuffled = Oracle(spots["expression"], spots["real"], np.random.default_rng(1).permutation(n))
+    bad = E.evaluate(shuffled, output_dir=tmp_path / "bad", run_name="eval_bad", **common)
+
+    assert good["fidelity"]["fidelity_r_mean"] > bad["fidelity"]["fidelity_r_mean"] + 0.2
+    assert good["compartments"]["generated_agreement"] > bad["compartments"]["generated_agreement"]
+    assert "not computed" in good["realism"]["inception"]["skipped"]
+    assert "pt_inception-2015-12-05-6726825d.pth" in good["realism"]["inception"]["skipped"]
+    assert "fid" not in good["summary"]
+
+    # metrics.json: every part and the settings
+    saved = json.loads((tmp_path / "good" / "metrics.json").read_text())
+    assert {"settings", "realism", "fidelity", "probe", "compartments", "edits", "summary", "timings"} <= set(saved)
+    for key in ("dataset_dir", "seed", "num_spots", "labels", "edits", "edits_dropped", "mlflow"):
+        assert key in saved["settings"], key
+    assert saved["settings"]["num_spots"] == n and saved["settings"]["edits_dropped"] == []
+    assert set(saved["edits"]["edits"]) == {"immune*4", "hypoxia*0", "adipose*4"}
+    for key in (
+        "ceiling_r_mean",
+        "fidelity_r_mean",
+        "fidelity_fraction",
+        "compartment_generated_agreement",
+        "compartment_chance",
+        "edit_directionality",
+        "num_spots",
+    ):
+        assert key in saved["summary"], key
+    assert saved["settings"]["mlflow"]["run_id"]
+
+    # the report: self-contained and carrying the summary numbers
+    report = (tmp_path / "good" / "report.html").read_text()
+    _self_contained(report)
+    assert f"{good['summary']['fidelity_r_mean']:.3f}" in report
+    assert f"{good['summary']['compartment_generated_agreement']:.3f}" in report
+    assert "not computed" in report and report.count("<img") == 2 * min(24, n)
+
+    # MLflow: both runs with their metrics and artifacts
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("st_ldm")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"eval_good", "eval_bad"}
+    logged = runs["eval_good"].data.metrics
+    assert logged["fidelity_r_mean"] == pytest.approx(good["summary"]["fidelity_r_mean"])
+    assert logged["compartment_chance"] == pytest.approx(good["summary"]["compartment_chance"])
+    assert any(k.startswith("fidelity_r/") for k in logged)
+    assert runs["eval_good"].data.params["num_spots"] == str(n)
+    artifacts = {a.path for a in client.list_artifacts(runs["eval_good"].info.run_id)}
+    assert {"metrics.json", "report.html"} <= artifacts
+
+    # rerun with the same generator key: nothing is generated again, the numbers are the same
+    again = E.evaluate(
+        oracle, output_dir=tmp_path / "good", generator_key={"g": "oracle"}, **{**common, "tracking_uri": None}
+    )
+    assert oracle.calls == calls and again["settings"]["generated_from_cache"]
+    assert again["fidelity"]["fidelity_r_mean"] == pytest.approx(good["fidelity"]["fidelity_r_mean"])
+    assert again["edits"]["overall_fraction"] == good["edits"]["overall_fraction"]
+
+
+def test_encoder_probe_and_encoder_fid(demo_dataset, spots, tmp_path, empty_hub):
+    """With encoder_path: ridge probe on the frozen encoder's features and fid_<encoder name> in the summary."""
+    torch.manual_seed(0)
+    encoder = nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 24, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    ).eval()
+    path = tmp_path / "tiny_encoder.pt"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
+        torch.jit.script(encoder).save(str(path))
+    oracle = Oracle(spots["expression"], spots["real"])
+    metrics = E.evaluate(
+        oracle,
+        demo_dataset,
+        tmp_path / "eval",
+        FOV_UM,
+        SIZE,
+        6,
+        require_inception="false",
+        encoder_path=path,
+        edits=[],
+        kid_subsets=5,
+        feature_batch_size=64,
+    )
+    assert metrics["probe"]["kind"] == "encoder:tiny_encoder" and metrics["settings"]["encoders"] == ["tiny_encoder"]
+    assert metrics["fidelity"]["fidelity_r_mean"] == pytest.approx(metrics["fidelity"]["ceiling_r_mean"], abs=1e-6)
+    # the oracle hands back the real patches themselves: the two sets are identical, so FID is (numerically) 0
+    assert abs(metrics["summary"]["fid_tiny_encoder"]) < 1e-3
+    assert "fid" not in metrics["summary"] and "kid_mean_tiny_encoder" in metrics["summary"]
+    with pytest.raises(ValueError, match="require_inception must be true or false"):
+        E.load_realism_extractors(require_inception="maybe")
+
+
+# --- the config, end to end, with a tiny model ------------------------------------------------------------------
+
+TINY = {
+    "patch_fov_um": FOV_UM,
+    "patch_size": 16,
+    "cross_attention_dim": 16,
+    "num_context_tokens": 2,
+    "gene_encoder_hidden_dim": 32,
+    "unet_kwargs": {
+        "spatial_dims": 2,
+        "channels": [8, 8],
+        "attention_levels": [False, True],
+        "num_head_channels": [0, 8],
+        "num_res_blocks": 1,
+        "norm_num_groups": 8,
+        "transformer_num_layers": 1,
+    },
+    "num_inference_steps": 2,
+    "val_batch_size": 32,
+    "num_eval_spots": 24,
+    "num_edit_spots": 4,
+    "edits": ["immune*4", "hypoxia*0"],
+    "probe_epochs": 1,
+    "probe_width": 4,
+    "kid_subsets": 5,
+    "min_group_size": 5,
+}
+AE_KWARGS = {
+    "spatial_dims": 2,
+    "in_channels": 3,
+    "out_channels": 3,
+    "channels": [8, 8],
+    "latent_channels": 3,
+    "num_res_blocks": 1,
+    "attention_levels": [False, False],
+    "norm_num_groups": 4,
+    "with_encoder_nonlocal_attn": False,
+    "with_decoder_nonlocal_attn": False,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(demo_dataset, tmp_path_factory) -> Path:
+    """models/model.pt + models/autoencoder.pt of a tiny untrained model (16-px patches) for the demo dataset."""
+    from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+
+    from bundle.autoencoder import save_autoencoder_checkpoint
+    from bundle.networks import GeneCondNet, GeneConditionedUNet
+    from bundle.training import save_model
+
+    genes = json.loads((demo_dataset / "gene_panel.json").read_text())["genes"]
+    folder = tmp_path_factory.mktemp("tiny_models")
+    torch.manual_seed(0)
+    autoencoder = AutoencoderKL(**AE_KWARGS)
+    unet = DiffusionModelUNet(
+        in_channels=3, out_channels=3, with_conditioning=True, cross_attention_dim=16, **TINY["unet_kwargs"]
+    )
+    for p in unet.parameters():  # MONAI zero-initialises output layers; make the condition visible in the output
+        nn.init.normal_(p, std=0.05)
+    network = GeneConditionedUNet(
+        GeneCondNet(len(genes), 16, num_tokens=2, hidden_dim=32, num_layers=2, num_neighbors=6), unet
+    )
+    architecture = {
+        k: TINY[k] for k in ("unet_kwargs", "cross_attention_dim", "num_context_tokens", "gene_encoder_hidden_dim")
+    }
+    save_autoencoder_checkpoint(folder / "autoencoder.pt", autoencoder, 0.5, network_kwargs=AE_KWARGS)
+    save_model(
+        folder / "model.pt",
+        network,
+        genes,
+        0.5,
+        extra={
+            "num_neighbors": 6,
+            "prediction_type": "v_prediction",
+            "latent_shape": [3, 8, 8],
+            "patch_fov_um": FOV_UM,
+            "patch_size": 16,
+            "iteration": 3,
+            "architecture": {**architecture, "num_neighbors": 6},
+        },
+    )
+    return folder
+
+
+def run_evaluate(tiny_model: Path, dataset: Path, output_dir: Path, **override):
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(
+        workflow_type="infer",
+        config_file=str(CONFIGS / "evaluate.json"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        **copy.deepcopy(
+            {
+                **TINY,
+                "model_path": str(tiny_model / "model.pt"),
+                "autoencoder_path": str(tiny_model / "autoencoder.pt"),
+                "dataset_dir": str(dataset),
+                "output_dir": str(output_dir),
+                "device": "cpu",
+                **override,
+            }
+        ),
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    return json.loads((output_dir / "eval" / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def fake_inception(tmp_path_factory) -> Path:
+    """pytorch-fid's FID Inception with random weights under the standard file name (as tests/test_metrics.py does)."""
+    from bundle import metrics as M
+
+    torch.manual_seed(0)
+    net = M._build_fid_inception()
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("fid_weights") / M.INCEPTION_WEIGHTS_FILE
+    torch.save(net.state_dict(), path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # FID of 8 patches in 2048 dimensions
+def test_config_end_to_end(tiny_model, demo_dataset, tmp_path, empty_hub, fake_inception):
+    # missing Inception weights stop the run before anything is read or generated (MONAI wraps the error of a
+    # config expression in a RuntimeError "from" it; the FileNotFoundError with the instructions is its cause)
+    with pytest.raises(Exception) as info:
+        run_evaluate(tiny_model, demo_dataset, tmp_path / "strict")
+    error = info.value
+    while not isinstance(error, FileNotFoundError) and error.__cause__ is not None:
+        error = error.__cause__
+    assert isinstance(error, FileNotFoundError) and "pt_inception-2015-12-05-6726825d.pth" in str(error)
+    assert "inception_weights" in str(error)
+    assert not (tmp_path / "strict" / "eval").exists()
+
+    # offline: realism with Inception skipped, everything else computed
+    metrics = run_evaluate(tiny_model, demo_dataset, tmp_path / "offline", require_inception=False)
+    assert "not computed" in metrics["realism"]["inception"]["skipped"]
+    assert metrics["settings"]["num_spots"] == 24 and metrics["settings"]["iteration"] == 3
+    assert metrics["settings"]["num_inference_steps"] == 2 and metrics["settings"]["model_path"].endswith("model.pt")
+    assert len(metrics["fidelity"]["ceiling_r"]) == 48 and metrics["edits"]["num_spots"] == 4
+    cached = sorted(p.name for p in (tmp_path / "offline" / "eval" / "generated").glob("*.npy"))
+    assert len(cached) == 3  # validation patches + two edits
+    _self_contained((tmp_path / "offline" / "eval" / "report.html").read_text())
+
+    # with (random) Inception weights: FID/KID, reference features cached. 8 spots and no per-group FID: the Inception
+    # takes about half a second per patch and each 2048-d FID about 20-40 s on two busy CPU cores
+    metrics = run_evaluate(
+        tiny_model,
+        demo_dataset,
+        tmp_path / "offline",
+        require_inception=True,
+        inception_weights=str(fake_inception),
+        num_eval_spots=8,
+        min_group_size=100,
+        edits=[],
+    )
+    inception = metrics["realism"]["inception"]
+    assert inception["fid"] > 0 and inception["n_real"] == inception["n_fake"] == 8
+    assert metrics["summary"]["fid"] == pytest.approx(inception["fid"])
+    assert inception["per_group"] == {} and set(inception["skipped_groups"]) == set(
+        metrics["compartments"]["per_class"]
+    )
+    assert metrics["settings"]["inception_weights"] == str(fake_inception) and metrics["edits"] == {}
+    assert len(list((tmp_path / "offline" / "eval" / "feature_cache").glob("features-*.npy"))) == 1
