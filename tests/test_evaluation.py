@@ -304,7 +304,9 @@ def test_encoder_probe_and_encoder_fid(demo_dataset, spots, tmp_path, empty_hub)
         edits=[],
         kid_subsets=5,
         feature_batch_size=64,
+        fid_method="eigh",
     )
+    assert metrics["realism"]["encoders"]["tiny_encoder"]["fid_method"] == "eigh"
     assert metrics["probe"]["kind"] == "encoder:tiny_encoder" and metrics["settings"]["encoders"] == ["tiny_encoder"]
     assert metrics["fidelity"]["fidelity_r_mean"] == pytest.approx(metrics["fidelity"]["ceiling_r_mean"], abs=1e-6)
     # the oracle hands back the real patches themselves: the two sets are identical, so FID is (numerically) 0
