@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from bundle.readers import read_slide_info
-from bundle.utils import read_json, write_json_atomic
+from bundle.utils import read_json, replace_dir, write_json_atomic
 
 __all__ = [
     "SPLIT_KEYS",
@@ -648,24 +648,13 @@ def prepare_dataset(
                 "stores": {"expression.npy": "log1p(normalize_total) float32", "counts.npy": "raw counts int32"},
             },
         )
-        _replace_dir(staging, output_dir)
+        replace_dir(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if verbose:
         print(format_qc_summary(summary))
     return summary
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move the finished folder ``new`` onto ``target``, removing an old ``target`` only after the move."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def format_qc_summary(summary: dict[str, Any]) -> str:

@@ -780,7 +780,7 @@ class PatchWriter:
             self._bar.update(images.shape[0])
 
     def completed(self, engine) -> None:
-        from bundle.data import _replace_dir
+        from bundle.utils import replace_dir
 
         self._close_bar()
         columns = list(MANIFEST_SPOT_COLUMNS) + [k for k in self.metadata if k not in MANIFEST_SPOT_COLUMNS]
@@ -796,7 +796,7 @@ class PatchWriter:
             "seconds": round(seconds, 2),
         }
         (self.staging / "generation.json").write_text(json.dumps(summary, indent=2) + "\n")
-        _replace_dir(self.staging, self.output_dir)
+        replace_dir(self.staging, self.output_dir)
         self.staging = None
         engine.logger.info(
             f"wrote {len(self.rows)} patches and manifest.csv to {self.output_dir} in {seconds:.1f} s "

@@ -315,7 +315,6 @@ def _not_fid_weights(path: Path) -> str:
     )
 
 
-_build_fid_inception = build_fid_inception  # former private name, kept for callers that use it
 
 
 def _read_fid_state_dict(path: Path) -> Mapping[str, torch.Tensor]:

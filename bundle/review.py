@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bundle.utils import atomic_path, read_json, write_json_atomic
+from bundle.utils import atomic_path, read_json, replace_dir, write_json_atomic
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -129,17 +129,6 @@ def _random_names(count: int, prefix: str = "img_", nbytes: int = 6) -> list[str
     while len(names) < count:
         names.add(f"{prefix}{secrets.token_hex(nbytes)}.png")
     return list(names)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move the finished folder ``new`` onto ``target``, removing an old ``target`` only after the move."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_review_kit(
@@ -260,7 +249,7 @@ def export_review_kit(
         }
         with atomic_path(key_path) as tmp_key:  # the key appears only once the kit is in place
             tmp_key.write_text(json.dumps(key, indent=2) + "\n", encoding="utf-8")
-            _replace_dir(staging, output_dir)
+            replace_dir(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -38,3 +38,21 @@ def demo_dataset(demo_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dataset") / "demo"
     prepare_dataset(demo_root / "manifest.csv", out, fov_um=64.0, n_top_genes=48, min_counts=50, verbose=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def fid_weights(tmp_path_factory) -> Path:
+    """pytorch-fid's FID Inception with random (variance-preserving) weights, saved under the standard file name."""
+    import torch
+    from torch import nn
+
+    from bundle import metrics
+
+    torch.manual_seed(0)
+    net = metrics.build_fid_inception()
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("fid_weights") / metrics.INCEPTION_WEIGHTS_FILE
+    torch.save(net.state_dict(), path)
+    return path

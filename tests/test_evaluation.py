@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from bundle import evaluation as E
+from bundle.demo import COMPARTMENTS
 from tests.conftest import CONFIGS
 
 FOV_UM, SIZE = 64.0, 32
@@ -92,16 +93,7 @@ class Oracle:
 
 def test_labels_come_from_the_demo_ground_truth(spots):
     assert "ground-truth" in spots["labels_from"]
-    assert set(spots["val_labels"]) <= {
-        "tumour",
-        "stroma",
-        "immune",
-        "adipose",
-        "necrosis",
-        "hypoxic_rim",
-        "normal_mucosa",
-        "background",
-    }
+    assert set(spots["val_labels"]) <= set(COMPARTMENTS) | {"background"}
     train_c, val_c = E.expression_clusters(spots["train_expression"], spots["expression"], num_clusters=3, seed=0)
     again = E.expression_clusters(spots["train_expression"], spots["expression"], num_clusters=3, seed=0)
     assert np.array_equal(train_c, again[0]) and np.array_equal(val_c, again[1])  # deterministic
@@ -426,24 +418,9 @@ def run_evaluate(tiny_model: Path, dataset: Path, output_dir: Path, **override):
     return json.loads((output_dir / "eval" / "metrics.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def fake_inception(tmp_path_factory) -> Path:
-    """pytorch-fid's FID Inception with random weights under the standard file name (as tests/test_metrics.py does)."""
-    from bundle import metrics as M
-
-    torch.manual_seed(0)
-    net = M._build_fid_inception()
-    for module in net.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = tmp_path_factory.mktemp("fid_weights") / M.INCEPTION_WEIGHTS_FILE
-    torch.save(net.state_dict(), path)
-    return path
-
-
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Matrix is singular")  # FID of 8 patches in 2048 dimensions
-def test_config_end_to_end(tiny_model, demo_dataset, tmp_path, empty_hub, fake_inception):
+def test_config_end_to_end(tiny_model, demo_dataset, tmp_path, empty_hub, fid_weights):
     # missing Inception weights stop the run before anything is read or generated (MONAI wraps the error of a
     # config expression in a RuntimeError "from" it; the FileNotFoundError with the instructions is its cause)
     with pytest.raises(Exception) as info:
@@ -472,7 +449,7 @@ def test_config_end_to_end(tiny_model, demo_dataset, tmp_path, empty_hub, fake_i
         demo_dataset,
         tmp_path / "offline",
         require_inception=True,
-        inception_weights=str(fake_inception),
+        inception_weights=str(fid_weights),
         num_eval_spots=8,
         min_group_size=100,
         edits=[],
@@ -483,5 +460,5 @@ def test_config_end_to_end(tiny_model, demo_dataset, tmp_path, empty_hub, fake_i
     assert inception["per_group"] == {} and set(inception["skipped_groups"]) == set(
         metrics["compartments"]["per_class"]
     )
-    assert metrics["settings"]["inception_weights"] == str(fake_inception) and metrics["edits"] == {}
+    assert metrics["settings"]["inception_weights"] == str(fid_weights) and metrics["edits"] == {}
     assert len(list((tmp_path / "offline" / "eval" / "feature_cache").glob("features-*.npy"))) == 1

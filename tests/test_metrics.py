@@ -91,19 +91,6 @@ def torchscript_encoder(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def fid_weights(tmp_path_factory) -> Path:
-    """pytorch-fid's FID Inception with random (variance-preserving) weights, saved under the standard file name."""
-    torch.manual_seed(0)
-    net = M.build_fid_inception()
-    for module in net.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = tmp_path_factory.mktemp("fid_weights") / M.INCEPTION_WEIGHTS_FILE
-    torch.save(net.state_dict(), path)
-    return path
-
-
 @pytest.fixture
 def hub_dir(tmp_path, monkeypatch) -> Path:
     """An empty torch hub folder (TORCH_HOME/hub) for the duration of the test."""
