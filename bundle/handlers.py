@@ -14,9 +14,18 @@ import torch
 from monai.engines.utils import IterationEvents
 from torch import nn
 
+from bundle.checkpoints import save_model
 from bundle.utils import atomic_path, unwrap_network
 
-__all__ = ["EMAHandler", "GradientClipHandler", "SampleGridHandler", "GenePanelState", "ProgressBar", "make_ema", "save_pair_grid"]
+__all__ = [
+    "EMAHandler",
+    "GradientClipHandler",
+    "SampleGridHandler",
+    "GenePanelState",
+    "ProgressBar",
+    "make_ema",
+    "save_pair_grid",
+]
 
 
 def make_ema(network: nn.Module) -> nn.Module:
@@ -40,7 +49,9 @@ class EMAHandler:
         start_iteration: before this iteration the EMA copy follows the weights exactly (warm-up). Defaults to 0.
     """
 
-    def __init__(self, network: nn.Module, ema_network: nn.Module, decay: float = 0.999, start_iteration: int = 0) -> None:
+    def __init__(
+        self, network: nn.Module, ema_network: nn.Module, decay: float = 0.999, start_iteration: int = 0
+    ) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}.")
         self.network, self.ema_network = network, ema_network
@@ -108,7 +119,7 @@ class GenePanelState:
         return {"genes": list(self.genes), "normalization": dict(self.normalization)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from bundle.data import check_gene_panel
+        from bundle.io.gene_panel import check_gene_panel
 
         check_gene_panel(list(state["genes"]), self.genes, what="the dataset's gene panel (against the checkpoint's)")
 
@@ -122,7 +133,7 @@ class SampleGridHandler:
 
     Args:
         sampler: callable ``sampler(condition, generator=...) -> (B, 3, H, W)`` images in [0, 1]
-            (:class:`bundle.sampling.ExpressionToTissuePipeline`).
+            (:class:`bundle.sampling.pipeline.ExpressionToTissuePipeline`).
         images: real patches ``(B, 3, H, W)`` in [-1, 1] (as the training transforms make them).
         condition: the same spots' conditions ``(B, ...)``.
         output_dir: folder for ``samples/``.
@@ -291,14 +302,63 @@ class ResumeCheckpointLoader:
         map_location: device mapping for ``torch.load``.
     """
 
-    def __init__(self, load_path: str | None, load_dict: dict, trainer_key: str = "trainer", map_location: Any = None) -> None:
-        self.load_path, self.load_dict, self.trainer_key, self.map_location = load_path, dict(load_dict), trainer_key, map_location
+    def __init__(
+        self, load_path: str | None, load_dict: dict, trainer_key: str = "trainer", map_location: Any = None
+    ) -> None:
+        self.load_path, self.load_dict, self.trainer_key, self.map_location = (
+            load_path,
+            dict(load_dict),
+            trainer_key,
+            map_location,
+        )
 
     def attach(self, engine) -> None:
         if self.load_path is None:
             return
         from monai.handlers import CheckpointLoader
 
-        loader = CheckpointLoader(self.load_path, {**self.load_dict, self.trainer_key: engine}, map_location=self.map_location)
+        loader = CheckpointLoader(
+            self.load_path, {**self.load_dict, self.trainer_key: engine}, map_location=self.map_location
+        )
         loader.attach(engine)
         engine.logger.info(f"resuming from {self.load_path}")
+
+
+class FinalModelSaver:
+    """On ``COMPLETED``, export the (EMA) network to ``models/model.pt`` with its gene panel and scale factor.
+
+    Args:
+        path: destination (``<bundle_root>/models/model.pt``).
+        network: the network to export (the EMA copy).
+        genes: gene panel.
+        scale_factor: latent scale factor.
+        extra: more entries to store.
+        enabled: set False on non-zero ranks.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        network: nn.Module,
+        genes: Sequence[str],
+        scale_factor: float,
+        extra: dict[str, Any] | None = None,
+        enabled: bool = True,
+    ) -> None:
+        self.path, self.network, self.genes, self.scale_factor = path, network, genes, scale_factor
+        self.extra, self.enabled = dict(extra or {}), enabled
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        if self.enabled:
+            save_model(
+                self.path,
+                self.network,
+                self.genes,
+                self.scale_factor,
+                {**self.extra, "iteration": engine.state.iteration},
+            )

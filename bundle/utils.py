@@ -6,48 +6,13 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import nn
-
-__all__ = [
-    "xy_to_rowcol",
-    "rowcol_to_xy",
-    "atomic_path",
-    "write_json_atomic",
-    "read_json",
-    "save_npy_atomic",
-    "unwrap_network",
-    "replace_dir",
-]
-
-
-def xy_to_rowcol(location_xy: Sequence[float] | np.ndarray) -> tuple[float, float]:
-    """Convert a spot centre from ``(x, y)`` to ``(row, column)``.
-
-    AnnData ``obsm["spatial"]``, HEST and the datalist hold ``(x, y) = (column, row)`` in level-0 pixels;
-    MONAI's ``WSIReader.get_data(location=...)`` and numpy indexing take ``(row, column)``. This is the only
-    place in the project where the two orders meet.
-
-    Args:
-        location_xy: ``(x, y)`` pair.
-
-    Returns:
-        ``(row, column)`` = ``(y, x)``.
-    """
-    if len(location_xy) != 2:
-        raise ValueError(f"location must be an (x, y) pair, got {location_xy!r}.")
-    x, y = location_xy
-    return y, x
-
-
-def rowcol_to_xy(location_rowcol: Sequence[float] | np.ndarray) -> tuple[float, float]:
-    """Inverse of :func:`xy_to_rowcol`: ``(row, column)`` to ``(x, y)``."""
-    return xy_to_rowcol(location_rowcol)  # swapping the pair is its own inverse
 
 
 @contextmanager
@@ -62,7 +27,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix if suffix is None else suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=path.suffix if suffix is None else suffix, dir=path.parent
+    )
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -119,3 +86,45 @@ def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> None:
     os.replace(new, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def memmap_array(folder: Path, name: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """A zero-filled ``np.memmap`` in ``folder`` (``.npy`` layout)."""
+    return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=tuple(int(v) for v in shape))
+
+
+def plain(value: Any) -> Any:
+    """Tuples as lists, recursively, so that settings from JSON and Python compare equal."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON types, recursively: the one conversion used for every JSON file the bundle writes.
+
+    Mappings become dicts with string keys; lists, tuples, numpy arrays and tensors become lists; sets become sorted
+    lists; numpy scalars become Python numbers; paths become strings; NaN and infinities become ``None`` (JSON has no
+    such numbers); anything else unknown becomes its ``str``.
+    """
+    import math
+
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((jsonable(v) for v in value), key=lambda v: json.dumps(v, sort_keys=True))
+    if isinstance(value, np.generic):
+        return jsonable(value.item())
+    if isinstance(value, np.ndarray) or type(value).__name__ == "Tensor":
+        return jsonable(value.tolist())
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return str(value)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bundle.readers import TiffZarrWSIReader, available_backends, read_slide_info
+from bundle.io.slides import TiffZarrWSIReader, available_backends, read_slide_info
 
 
 def raw_reader(backend: str, path: str, locations_xy: np.ndarray, size: int) -> None:
@@ -116,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-patches", type=int, default=200)
     parser.add_argument("--size", type=int, default=224, help="patch side in pixels")
     parser.add_argument("--demo-dir", default=None, help="existing demo data (default: generate one slide)")
-    parser.add_argument("--svs", default=str(Path(__file__).resolve().parents[2] / "shared/realdata/slides/cmu-1-small-region.svs"))
+    parser.add_argument(
+        "--svs", default=str(Path(__file__).resolve().parents[2] / "shared/realdata/slides/cmu-1-small-region.svs")
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -137,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             info = read_slide_info(path, backend="tifffile")
             locations = tissue_locations(path, args.num_patches, args.size, args.seed)
             rows += benchmark_slide(name, path, locations, info.mpp, args.size, backends)
-    print(f"\n{args.num_patches} patches of {args.size}x{args.size} px per row, best of 3 timed epochs after a warm-up\n")
+    print(
+        f"\n{args.num_patches} patches of {args.size}x{args.size} px per row, best of 3 timed epochs after a warm-up\n"
+    )
     print("| slide | backend | loader | patches/s | ratio to raw reader |")
     print("|---|---|---|---:|---:|")
     for name, backend, what, rate, ratio in rows:

@@ -2,12 +2,12 @@
 
 Measured:
 
-1. Patches: :class:`bundle.sampling.ExpressionToTissuePipeline` at 25 and 50 DDIM steps for batch sizes 1, 8 and 32,
+1. Patches: :class:`bundle.sampling.pipeline.ExpressionToTissuePipeline` at 25 and 50 DDIM steps for batch sizes 1, 8 and 32,
    with classifier-free guidance as one batched forward over ``[null, condition]`` and as two forwards; patches/s, the
    ratio of the two CFG modes (timed interleaved in this process) and peak memory (CPU: peak RSS sampled every
    millisecond, and its rise over the RSS before the call; CUDA: ``max_memory_allocated``). On CUDA the same table
    also runs at the default size of ``configs/train.json`` (512 px, 4x64x64 latents) in bf16 autocast.
-2. Whole slides: :func:`bundle.wsi.synthesize_slide` for synthetic hex arrays of 1x, 2x and 4x the number of spots
+2. Whole slides: :func:`bundle.sampling.slide.synthesize_slide` for synthetic hex arrays of 1x, 2x and 4x the number of spots
    (the area grows, the spot density stays); seconds, seconds per spot (should stay flat: time linear in the spots)
    and peak memory (should stay flat: the slide is streamed).
 
@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bundle.profiling import PeakMemory, sync  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-from bundle.profiling import PeakMemory, sync  # noqa: E402
 
 
 def build_pipeline(config_files: list[str], overrides: dict, device: torch.device, num_genes: int = 128):
@@ -41,7 +41,7 @@ def build_pipeline(config_files: list[str], overrides: dict, device: torch.devic
     from monai.bundle import ConfigParser
 
     from bundle.autoencoder import build_autoencoder
-    from bundle.sampling import ExpressionToTissuePipeline
+    from bundle.sampling.pipeline import ExpressionToTissuePipeline
 
     parser = ConfigParser()
     parser.read_config(config_files)
@@ -67,7 +67,7 @@ def condition_batch(pipeline, batch: int, seed: int = 0) -> torch.Tensor:
 
 def patch_rows(pipeline, device, steps_list, batches, rounds: int, amp: bool) -> list[dict]:
     """Time both CFG modes interleaved for every (steps, batch); median seconds per call."""
-    from bundle.sampling import seeded_generators
+    from bundle.sampling.pipeline import seeded_generators
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
     rows = []
@@ -78,7 +78,9 @@ def patch_rows(pipeline, device, steps_list, batches, rounds: int, amp: bool) ->
             def call(batched: bool):
                 pipeline.batched_guidance = batched
                 with autocast:
-                    pipeline(cond, num_inference_steps=steps, guidance_scale=3.0, generator=seeded_generators(range(batch)))
+                    pipeline(
+                        cond, num_inference_steps=steps, guidance_scale=3.0, generator=seeded_generators(range(batch))
+                    )
 
             call(True)  # warm-up (allocator, kernels)
             secs = {True: [], False: []}
@@ -95,9 +97,17 @@ def patch_rows(pipeline, device, steps_list, batches, rounds: int, amp: bool) ->
                         peaks[batched] = (memory.peak_mib, memory.delta_mib)
             for batched in (True, False):
                 sec = statistics.median(secs[batched])
-                rows.append({"steps": steps, "batch": batch, "cfg": "batched" if batched else "two forwards", "sec": sec,
-                             "ratio": statistics.median(secs[False]) / statistics.median(secs[True]),
-                             "peak": peaks[batched][0], "delta": peaks[batched][1]})
+                rows.append(
+                    {
+                        "steps": steps,
+                        "batch": batch,
+                        "cfg": "batched" if batched else "two forwards",
+                        "sec": sec,
+                        "ratio": statistics.median(secs[False]) / statistics.median(secs[True]),
+                        "peak": peaks[batched][0],
+                        "delta": peaks[batched][1],
+                    }
+                )
             print(f"  steps {steps} batch {batch}: {batch / statistics.median(secs[True]):.2f} patches/s", flush=True)
     return rows
 
@@ -105,11 +115,16 @@ def patch_rows(pipeline, device, steps_list, batches, rounds: int, amp: bool) ->
 def print_patch_table(title: str, rows: list[dict], device) -> None:
     mem = "peak CUDA memory allocated (MiB)" if device.type == "cuda" else "peak RSS (MiB)"
     print(f"\n### {title}\n")
-    print(f"| DDIM steps | batch | CFG | patches/s | s per call | two forwards ÷ batched (time) | {mem} | rise during the call (MiB) |")
+    print(
+        "| DDIM steps | batch | CFG | patches/s | s per call | two forwards ÷ batched (time) | "
+        f"{mem} | rise during the call (MiB) |"
+    )
     print("|---:|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['steps']} | {r['batch']} | {r['cfg']} | {r['batch'] / r['sec']:.2f} | {r['sec']:.2f} | "
-              f"{r['ratio']:.2f} | {r['peak']:.0f} | {r['delta']:.0f} |")
+        print(
+            f"| {r['steps']} | {r['batch']} | {r['cfg']} | {r['batch'] / r['sec']:.2f} | {r['sec']:.2f} | "
+            f"{r['ratio']:.2f} | {r['peak']:.0f} | {r['delta']:.0f} |"
+        )
 
 
 def hex_array(num_spots: int, pitch_um: float = 100.0, aspect: float = 1.0) -> np.ndarray:
@@ -126,7 +141,7 @@ def slide_table(pipeline, parser, device, base_spots: int, steps: int) -> None:
     """Whole-slide time and peak memory for 1x, 2x and 4x the spots (the slide grows in height)."""
     import tempfile
 
-    from bundle.wsi import synthesize_slide
+    from bundle.sampling.slide import synthesize_slide
 
     fov = float(parser.get_parsed_content("patch_fov_um"))
     genes = pipeline.network.num_genes
@@ -137,9 +152,17 @@ def slide_table(pipeline, parser, device, base_spots: int, steps: int) -> None:
             expression = np.random.default_rng(factor).gamma(1.0, 1.0, (len(positions), genes)).astype(np.float32)
             with PeakMemory(device) as memory:
                 t = time.perf_counter()
-                info = synthesize_slide(pipeline, positions, expression, Path(tmp) / f"slide_{factor}.tif",
-                                        patch_fov_um=fov, num_inference_steps=steps, guidance_scale=3.0, seed=0,
-                                        batch_size=16)
+                info = synthesize_slide(
+                    pipeline,
+                    positions,
+                    expression,
+                    Path(tmp) / f"slide_{factor}.tif",
+                    patch_fov_um=fov,
+                    num_inference_steps=steps,
+                    guidance_scale=3.0,
+                    seed=0,
+                    batch_size=16,
+                )
                 sync(device)
                 sec = time.perf_counter() - t
             rows.append((factor, len(positions), info, sec, memory))
@@ -151,14 +174,20 @@ def slide_table(pipeline, parser, device, base_spots: int, steps: int) -> None:
     base = rows[0][3]
     for factor, n, info, sec, memory in rows:
         shape = "x".join(str(v) for v in info["shape"][:2])
-        print(f"| {n} ({factor}x) | {shape} | {sec:.1f} | {sec / n:.3f} | {sec / base:.2f} | {memory.peak_mib:.0f} | "
-              f"{memory.delta_mib:.0f} |")
+        print(
+            f"| {n} ({factor}x) | {shape} | {sec:.1f} | {sec / n:.3f} | {sec / base:.2f} | {memory.peak_mib:.0f} | "
+            f"{memory.delta_mib:.0f} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config-file", nargs="+", default=["configs/train.json", "configs/demo.json"],
-                    help="bundle configs that define network_def and the autoencoder (default: the demo sizes)")
+    ap.add_argument(
+        "--config-file",
+        nargs="+",
+        default=["configs/train.json", "configs/demo.json"],
+        help="bundle configs that define network_def and the autoencoder (default: the demo sizes)",
+    )
     ap.add_argument("--steps", type=int, nargs="+", default=[25, 50])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--rounds", type=int, default=2, help="timed rounds per configuration (median reported)")
@@ -168,20 +197,30 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     files = [str(ROOT / f) if not Path(f).is_absolute() else f for f in args.config_file]
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")
+    print(
+        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}"
+    )
 
     with torch.inference_mode():
         pipeline, parser = build_pipeline(files, {}, device)
         size = parser.get_parsed_content("patch_size")
         rows = patch_rows(pipeline, device, args.steps, args.batch_sizes, args.rounds, amp=False)
-        print_patch_table(f"Patches: {size} px, latents {'x'.join(map(str, pipeline.latent_shape))}, fp32, "
-                          f"guidance 3.0, median of {args.rounds} rounds after a warm-up", rows, device)
+        print_patch_table(
+            f"Patches: {size} px, latents {'x'.join(map(str, pipeline.latent_shape))}, fp32, "
+            f"guidance 3.0, median of {args.rounds} rounds after a warm-up",
+            rows,
+            device,
+        )
         if device.type == "cuda":
             default, _ = build_pipeline([str(ROOT / "configs/train.json")], {}, device)
             rows = patch_rows(default, device, args.steps, args.batch_sizes, args.rounds, amp=True)
-            print_patch_table(f"Patches: 512 px (train.json defaults), latents {'x'.join(map(str, default.latent_shape))}, "
-                              f"bf16 autocast", rows, device)
+            print_patch_table(
+                f"Patches: 512 px (train.json defaults), latents {'x'.join(map(str, default.latent_shape))}, "
+                f"bf16 autocast",
+                rows,
+                device,
+            )
         if args.slide_spots > 0:
             slide_table(pipeline, parser, device, args.slide_spots, args.slide_steps)
     return 0

@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bundle.profiling import sync  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-from bundle.profiling import sync  # noqa: E402
 
 
 def load_config(root: Path, demo: bool, overrides: dict | None = None):
@@ -112,7 +112,9 @@ def build_step(parser, kind: str, device: torch.device, amp: bool, autoencoder_c
         network = DiffusersGeneUNet(gene_encoder, kwargs, int(parser.get_parsed_content("latent_size")))
     network = network.to(device).train()
     scheduler = parser.get_parsed_content("noise_scheduler", lazy=False)
-    prepare = LatentDiffusionPrepareBatch(autoencoder, scale_factor=scale, scheduler=scheduler, condition_name="expression")
+    prepare = LatentDiffusionPrepareBatch(
+        autoencoder, scale_factor=scale, scheduler=scheduler, condition_name="expression"
+    )
     inferer = DiffusionInferer(scheduler)
     opt = torch.optim.AdamW(network.parameters(), lr=1e-4, weight_decay=0.01)
     loss_fn = nn.MSELoss()
@@ -131,7 +133,9 @@ def build_step(parser, kind: str, device: torch.device, amp: bool, autoencoder_c
         opt.zero_grad(set_to_none=True)
         if amp_ctx:
             with amp_ctx():
-                pred = inferer(latents, network, noise=kw["noise"], timesteps=kw["timesteps"], condition=kw["condition"])
+                pred = inferer(
+                    latents, network, noise=kw["noise"], timesteps=kw["timesteps"], condition=kw["condition"]
+                )
                 loss = loss_fn(pred.float(), target)
         else:
             pred = inferer(latents, network, noise=kw["noise"], timesteps=kw["timesteps"], condition=kw["condition"])
@@ -142,8 +146,12 @@ def build_step(parser, kind: str, device: torch.device, amp: bool, autoencoder_c
         return float(loss.detach())
 
     unet_params = sum(p.numel() for p in network.unet.parameters())
-    info = {"unet_params": unet_params, "latent": tuple(prepare.autoencoder.encode_stage_2_inputs(batch["image"][:1]).shape[1:]),
-            "batch": bs, "size": size}
+    info = {
+        "unet_params": unet_params,
+        "latent": tuple(prepare.autoencoder.encode_stage_2_inputs(batch["image"][:1]).shape[1:]),
+        "batch": bs,
+        "size": size,
+    }
     return step, info
 
 
@@ -188,7 +196,9 @@ def cpu_peak_memory(root: Path, demo: bool, kind: str, ckpt: str | None, steps: 
     return out
 
 
-def run_step_benchmark(root: Path, demo: bool, device: torch.device, amp: bool, ckpt: str | None, n: int, warmup: int, rounds: int):
+def run_step_benchmark(
+    root: Path, demo: bool, device: torch.device, amp: bool, ckpt: str | None, n: int, warmup: int, rounds: int
+):
     parser = load_config(root, demo)
     built = {kind: build_step(parser, kind, device, amp, ckpt) for kind in ("monai", "diffusers")}
     secs = time_steps_interleaved({k: v[0] for k, v in built.items()}, device, n, warmup, rounds)
@@ -233,8 +243,14 @@ def run_loader_benchmark(root: Path, num_patches: int, workers_list, step_rate: 
         return n / best
 
     for workers in workers_list:
-        loader = DataLoader(Dataset(data, transform=transform), batch_size=bs, shuffle=True, drop_last=True,
-                            num_workers=workers, persistent_workers=workers > 0)
+        loader = DataLoader(
+            Dataset(data, transform=transform),
+            batch_size=bs,
+            shuffle=True,
+            drop_last=True,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
         rate = epoch_rate(loader)
         rows.append((f"Dataset, DataLoader {workers} workers", rate))
         del loader
@@ -250,7 +266,9 @@ def run_loader_benchmark(root: Path, num_patches: int, workers_list, step_rate: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=str(ROOT))
-    parser.add_argument("--autoencoder", default=None, help="demo autoencoder checkpoint (default <root>/models/autoencoder.pt)")
+    parser.add_argument(
+        "--autoencoder", default=None, help="demo autoencoder checkpoint (default <root>/models/autoencoder.pt)"
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
@@ -262,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = args.autoencoder or str(root / "models/autoencoder.pt")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    print(f"device: {torch.cuda.get_device_name() if cuda else f'CPU, {torch.get_num_threads()} threads'}; torch {torch.__version__}")
+    print(
+        f"device: {torch.cuda.get_device_name() if cuda else f'CPU, {torch.get_num_threads()} threads'}; torch {torch.__version__}"
+    )
 
     tables = []
     setups = [("demo (64 px, configs/demo.json)", True, False, ckpt)]
@@ -279,21 +299,31 @@ def main(argv: list[str] | None = None) -> int:
 
     mem = "peak CUDA memory allocated (MiB)" if cuda else "peak RSS, fresh process (MiB)"
     delta = "above before the steps" if cuda else "above imports + config"
-    print(f"\n### Training step: {args.steps} timed steps per model in {args.rounds} interleaved rounds (median), "
-          f"after {args.warmup} warm-up steps\n")
+    print(
+        f"\n### Training step: {args.steps} timed steps per model in {args.rounds} interleaved rounds (median), "
+        f"after {args.warmup} warm-up steps\n"
+    )
     print(f"| size | UNet | UNet params | batch | latents | it/s | s/step | ratio to MONAI | {mem} | {delta} (MiB) |")
     print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|")
     for name, rows in tables:
         ref = rows[0]["sec"]
         for r in rows:
-            label = "MONAI DiffusionModelUNet + GeneCondNet" if r["kind"] == "monai" else "diffusers UNet2DConditionModel + GeneCondNet"
-            print(f"| {name} | {label} | {r['unet_params'] / 1e6:.2f} M | {r['batch']} | {'x'.join(map(str, r['latent']))} | "
-                  f"{1 / r['sec']:.2f} | {r['sec']:.3f} | {ref / r['sec']:.2f} | {r['peak']:.0f} | {r['peak_delta']:.0f} |")
+            label = (
+                "MONAI DiffusionModelUNet + GeneCondNet"
+                if r["kind"] == "monai"
+                else "diffusers UNet2DConditionModel + GeneCondNet"
+            )
+            print(
+                f"| {name} | {label} | {r['unet_params'] / 1e6:.2f} M | {r['batch']} | {'x'.join(map(str, r['latent']))} | "
+                f"{1 / r['sec']:.2f} | {r['sec']:.3f} | {ref / r['sec']:.2f} | {r['peak']:.0f} | {r['peak_delta']:.0f} |"
+            )
 
     if args.loader_patches > 0:
         rows = run_loader_benchmark(root, args.loader_patches, (0, 2), demo_rate)
-        print(f"\n### Loader (demo, train#preprocessing, batch 32, {args.loader_patches} patches, best of 3 epochs after a "
-              f"warm-up) against the demo step rate {demo_rate:.2f} it/s\n")
+        print(
+            f"\n### Loader (demo, train#preprocessing, batch 32, {args.loader_patches} patches, best of 3 epochs after a "
+            f"warm-up) against the demo step rate {demo_rate:.2f} it/s\n"
+        )
         print("| loader | patches/s | batches/s | batches/s ÷ steps/s (target >= 3) |")
         print("|---|---:|---:|---:|")
         for what, rate, bps, ratio in rows:

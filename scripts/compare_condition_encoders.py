@@ -128,7 +128,12 @@ def make_schedule(n_train: int, iterations: int, batch_size: int, num_t: int, la
     """All random draws of a training run, shared by every variant."""
     g = torch.Generator().manual_seed(seed + 1000)
     per_epoch = n_train // batch_size
-    idx = torch.cat([torch.randperm(n_train, generator=g)[: per_epoch * batch_size] for _ in range(math.ceil(iterations / per_epoch))])
+    idx = torch.cat(
+        [
+            torch.randperm(n_train, generator=g)[: per_epoch * batch_size]
+            for _ in range(math.ceil(iterations / per_epoch))
+        ]
+    )
     return {
         "index": idx[: iterations * batch_size].view(iterations, batch_size),
         "noise": g,  # noise is drawn on the fly from this generator (same sequence for every variant)
@@ -149,8 +154,12 @@ def train(parser, variant, latents, conds, schedule, iterations, seed, log_every
     ema = make_ema(net)
     decay = float(parser.get_parsed_content("ema_decay"))
     scheduler = parser.get_parsed_content("noise_scheduler", lazy=False)
-    opt = torch.optim.AdamW(net.parameters(), lr=float(parser["learning_rate"]), weight_decay=float(parser["weight_decay"]))
-    lr = WarmupCosineSchedule(opt, warmup_steps=int(parser["warmup_iterations"]), t_total=iterations, end_lr=0.0, cycles=0.0)
+    opt = torch.optim.AdamW(
+        net.parameters(), lr=float(parser["learning_rate"]), weight_decay=float(parser["weight_decay"])
+    )
+    lr = WarmupCosineSchedule(
+        opt, warmup_steps=int(parser["warmup_iterations"]), t_total=iterations, end_lr=0.0, cycles=0.0
+    )
     max_norm = float(parser["max_grad_norm"])
     g = torch.Generator().manual_seed(schedule["seed"] + 2000)
     net.train()
@@ -177,8 +186,11 @@ def train(parser, variant, latents, conds, schedule, iterations, seed, log_every
                 be.copy_(b)
         losses.append(loss.item())
         if (it + 1) % log_every == 0:
-            print(f"  [{variant} seed {seed}] it {it + 1}/{iterations} loss(last {log_every}) {np.mean(losses[-log_every:]):.4f} "
-                  f"{(it + 1) / (time.perf_counter() - start):.2f} it/s", flush=True)
+            print(
+                f"  [{variant} seed {seed}] it {it + 1}/{iterations} loss(last {log_every}) {np.mean(losses[-log_every:]):.4f} "
+                f"{(it + 1) / (time.perf_counter() - start):.2f} it/s",
+                flush=True,
+            )
     ema.eval()
     return ema, scheduler, time.perf_counter() - start, float(np.mean(losses[-100:]))
 
@@ -201,7 +213,11 @@ def evaluate(net, scheduler, variant, latents, conds, partner, repeats, seed, ba
     n = latents.shape[0]
     num_t = scheduler.num_train_timesteps
     # stratified timesteps: draw r covers [r/R, (r+1)/R) of the schedule for every spot
-    t_all = ((torch.arange(repeats)[None] + torch.rand(n, repeats, generator=g)) / repeats * num_t).long().clamp_max(num_t - 1)
+    t_all = (
+        ((torch.arange(repeats)[None] + torch.rand(n, repeats, generator=g)) / repeats * num_t)
+        .long()
+        .clamp_max(num_t - 1)
+    )
     noise_all = torch.randn((n, repeats, *latents.shape[1:]), generator=g)
     out = {k: torch.zeros(n, repeats) for k in ("true", "wrong", "null")}
     for r in range(repeats):
@@ -261,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     parser_.add_argument("--batch-size", type=int, default=32)
     parser_.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser_.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser_.add_argument("--eval-repeats", type=int, default=8, help="fixed (noise, timestep) draws per validation spot")
+    parser_.add_argument(
+        "--eval-repeats", type=int, default=8, help="fixed (noise, timestep) draws per validation spot"
+    )
     parser_.add_argument("--p-uncond", type=float, default=0.1)
     parser_.add_argument("--agreement", action="store_true", help="also sample and classify compartments")
     parser_.add_argument("--sample-steps", type=int, default=25)
@@ -285,14 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     train_cond, val_cond = conditions(train_list, expression), conditions(val_list, expression)
     train_lab, val_lab = compartments(root, train_list), compartments(root, val_list)
     partner = wrong_partner(val_lab, 0)
-    print(f"latents: train {tuple(train_lat.shape)}, val {tuple(val_lat.shape)} (scale factor {scale:.4f}), "
-          f"encoded in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(
+        f"latents: train {tuple(train_lat.shape)}, val {tuple(val_lat.shape)} (scale factor {scale:.4f}), "
+        f"encoded in {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
     print("val compartments:", {k: val_lab.count(k) for k in sorted(set(val_lab))}, flush=True)
 
     classifier = None
     if args.agreement:
         from sklearn.linear_model import LogisticRegression
-
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
@@ -306,9 +326,13 @@ def main(argv: list[str] | None = None) -> int:
         results["classifier_real_val_accuracy"] = real_acc
     num_t = int(parser["num_train_timesteps"])
     for seed in args.seeds:
-        schedule = make_schedule(len(train_list), args.iterations, args.batch_size, num_t, train_lat.shape[1:], seed, args.p_uncond)
+        schedule = make_schedule(
+            len(train_list), args.iterations, args.batch_size, num_t, train_lat.shape[1:], seed, args.p_uncond
+        )
         for variant in args.variants:
-            net, scheduler, seconds, final_loss = train(parser, variant, train_lat, train_cond, schedule, args.iterations, seed)
+            net, scheduler, seconds, final_loss = train(
+                parser, variant, train_lat, train_cond, schedule, args.iterations, seed
+            )
             losses, t_all = evaluate(net, scheduler, variant, val_lat, val_cond, partner, args.eval_repeats, seed)
             n_params = sum(p.numel() for p in net.gene_encoder.parameters())
             run = {
@@ -327,30 +351,47 @@ def main(argv: list[str] | None = None) -> int:
                 m = (t_all >= lo) & (t_all < hi)
                 run["gap_wrong_by_t"][f"{lo}-{hi}"] = float((losses["wrong"] - losses["true"])[m].mean())
             if classifier is not None:
-                gen = sample_latents(net, parser, variant, val_cond, val_lat.shape[1:], seed, args.sample_steps,
-                                     float(parser["guidance_scale"]))
+                gen = sample_latents(
+                    net,
+                    parser,
+                    variant,
+                    val_cond,
+                    val_lat.shape[1:],
+                    seed,
+                    args.sample_steps,
+                    float(parser["guidance_scale"]),
+                )
                 pred = classifier.predict(latent_features(gen))
                 run["agreement"] = float((pred == np.asarray(val_lab)).mean())
             print(json.dumps(run), flush=True)
             results["runs"].append(run)
 
-    print(f"\n{args.iterations} iterations, batch {args.batch_size}, seeds {args.seeds}; validation slide: "
-          f"{len(val_list)} spots x {args.eval_repeats} fixed (noise, t) draws; mean ± s.e. over spots\n")
-    head = "| encoder | seed | encoder params | val loss, true | wrong compartment | null | gap wrong - true | gap null - true | wrong - true by t (0-333 / 333-666 / 666-1000) |"
+    print(
+        f"\n{args.iterations} iterations, batch {args.batch_size}, seeds {args.seeds}; validation slide: "
+        f"{len(val_list)} spots x {args.eval_repeats} fixed (noise, t) draws; mean ± s.e. over spots\n"
+    )
+    head = (
+        "| encoder | seed | encoder params | val loss, true | wrong compartment | null | gap wrong - true "
+        "| gap null - true | wrong - true by t (0-333 / 333-666 / 666-1000) |"
+    )
     if classifier is not None:
         head += " compartment agreement |"
     print(head)
     print("|---" * (head.count("|") - 1) + "|")
     for r in results["runs"]:
         bt = " / ".join(f"{v:.4f}" for v in r["gap_wrong_by_t"].values())
-        line = (f"| {r['variant']} | {r['seed']} | {r['encoder_parameters']:,} | {r['val_fmt']['true']} | {r['val_fmt']['wrong']} | "
-                f"{r['val_fmt']['null']} | {r['gap_wrong']} | {r['gap_null']} | {bt} |")
+        line = (
+            f"| {r['variant']} | {r['seed']} | {r['encoder_parameters']:,} | {r['val_fmt']['true']} | {r['val_fmt']['wrong']} | "
+            f"{r['val_fmt']['null']} | {r['gap_wrong']} | {r['gap_null']} | {bt} |"
+        )
         if classifier is not None:
             line += f" {r['agreement']:.3f} |"
         print(line)
     if classifier is not None:
-        print(f"\nclassifier accuracy on real validation latents (ceiling): {real_acc:.3f}; "
-              f"chance (majority class): {max(val_lab.count(k) for k in set(val_lab)) / len(val_lab):.3f}")
+        print(
+            f"\nclassifier accuracy on real validation latents (ceiling): {real_acc:.3f}; "
+            f"chance (majority class): {max(val_lab.count(k) for k in set(val_lab)) / len(val_lab):.3f}"
+        )
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

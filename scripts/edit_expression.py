@@ -43,7 +43,9 @@ def _edit_rows(texts: list[str]) -> list[list[str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--config-file", nargs="+", default=[str(ROOT / "configs" / "inference.json")],
+        "--config-file",
+        nargs="+",
+        default=[str(ROOT / "configs" / "inference.json")],
         help="bundle configs, merged in order (add configs/demo.json for the demo model)",
     )
     parser.add_argument("--bundle-root", default=str(ROOT), help="bundle folder (models/ and datasets/demo/ under it)")
@@ -70,9 +72,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from monai.bundle import ConfigParser
 
-    from bundle.edits import apply_edits, parse_edit, resolve_edit
-    from bundle.inference import build_conditions, load_gene_sets, save_image_grid, select_spots, spot_seeds
-    from bundle.sampling import seeded_generators
+    from bundle.sampling.edits import apply_edits, parse_edit, resolve_edit
+    from bundle.sampling.generation import (
+        build_conditions,
+        load_gene_sets,
+        save_image_grid,
+        select_spots,
+        spot_seeds,
+    )
+    from bundle.sampling.pipeline import seeded_generators
     from bundle.utils import write_json_atomic
 
     start = time.perf_counter()
@@ -136,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         chunk = slice(first, first + batch_size)
         images.append(
             pipeline(
-                conditions[chunk], num_inference_steps=steps, guidance_scale=guidance,
+                conditions[chunk],
+                num_inference_steps=steps,
+                guidance_scale=guidance,
                 generator=seeded_generators(all_seeds[chunk]),
             ).cpu()
         )
@@ -146,10 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     labels = ["original"] + [",".join(str(parse_edit(t)) for t in row) for row in edit_rows]
     output = Path(args.output)
     save_image_grid(
-        list(images), output,
+        list(images),
+        output,
         row_labels=None if args.no_labels else labels,
         column_labels=None if args.no_labels else [spots.ids[r] for r in rows],
     )
+
     def mean_of(conditions: np.ndarray, names: list[str]) -> float:
         """Mean log-normalised value of genes ``names`` over the spots (centre spots only)."""
         return round(float(conditions[:, 0][:, [genes.index(g) for g in names]].mean()), 4)

@@ -15,14 +15,17 @@ import argparse
 import sys
 import time
 
-from bundle.data import load_gene_panel, prepare_dataset
+from bundle.io.dataset import prepare_dataset
+from bundle.io.gene_panel import load_gene_panel
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", required=True, help="CSV: sample_id,st_path,slide_path[,mpp,split,patient,...]")
     parser.add_argument("--output-dir", required=True, help="dataset folder to write")
-    parser.add_argument("--fov-um", type=float, default=128.0, help="patch field of view in um (default 128 = 512 px at 40x)")
+    parser.add_argument(
+        "--fov-um", type=float, default=128.0, help="patch field of view in um (default 128 = 512 px at 40x)"
+    )
     parser.add_argument("--genes", default=None, help="gene panel file (gene_panel.json or one gene per line)")
     parser.add_argument("--n-top-genes", type=int, default=256, help="panel size when --genes is not given")
     parser.add_argument("--min-counts", type=int, default=100, help="drop spots with fewer total counts")

@@ -8,7 +8,7 @@ The demo model on the demo validation array CRC_S04 (a 1.2 mm x 1.2 mm region; d
 
 Spots come from a prepared dataset folder (``--dataset`` + ``--sample``: positions are the datalist's ``location`` x
 ``mpp`` in slide micrometres, expression the dataset's log-normalised ``expression.npy``) or from a Space Ranger
-folder, ``.h5ad`` or CSV (``--input``, read with ``bundle.inference.read_spots`` and normalised like the training
+folder, ``.h5ad`` or CSV (``--input``, read with ``bundle.io.spots.read_spots`` and normalised like the training
 data). The configs give ``network_def`` and ``sample_scheduler``; the gene panel and the number of neighbours come from
 the checkpoint. See docs/whole_slide.md.
 """
@@ -56,7 +56,8 @@ def load_model(
     """
     from monai.bundle import ConfigParser
 
-    from bundle.inference import load_pipeline, read_model_info
+    from bundle.checkpoints import read_model_info
+    from bundle.sampling.generation import load_pipeline
 
     for file in config_files:
         if not Path(file).is_file():
@@ -94,7 +95,7 @@ def load_model(
 
 def spots_from_dataset(dataset: str | Path, sample: str, genes: list[str]) -> dict[str, Any]:
     """Positions (slide micrometres), expression and neighbour indices of one sample of a prepared dataset folder."""
-    from bundle.data import check_gene_panel, load_gene_panel
+    from bundle.io.gene_panel import check_gene_panel, load_gene_panel
     from bundle.utils import read_json
 
     dataset = Path(dataset)
@@ -127,13 +128,13 @@ def spots_from_dataset(dataset: str | Path, sample: str, genes: list[str]) -> di
 
 
 def spots_from_input(path: str, genes: list[str], normalization: Any, mpp: float | None = None) -> dict[str, Any]:
-    """Spots of a Space Ranger folder, ``.h5ad`` or CSV through ``bundle.inference.read_spots``."""
+    """Spots of a Space Ranger folder, ``.h5ad`` or CSV through ``bundle.io.spots.read_spots``."""
     import bundle.inference
 
     read_spots = getattr(bundle.inference, "read_spots", None)
     if read_spots is None:
         raise SystemExit(
-            "--input needs bundle.inference.read_spots, which this version of the bundle does not have; prepare the "
+            "--input needs bundle.io.spots.read_spots, which this version of the bundle does not have; prepare the "
             "sample with scripts/prepare_dataset.py and use --dataset <folder> --sample <id>."
         )
     spots = read_spots(path, genes, normalization, mpp=mpp)
@@ -162,19 +163,27 @@ def save_thumbnail(slide: str | Path, path: str | Path, max_size: int = 1024) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", nargs="+", default=None,
-                        help="config files, later ones override earlier ones (default: configs/inference.json, or "
-                             "configs/train.json where it does not exist, plus configs/demo.json)")
+    parser.add_argument(
+        "--config-file",
+        nargs="+",
+        default=None,
+        help="config files, later ones override earlier ones (default: configs/inference.json, or "
+        "configs/train.json where it does not exist, plus configs/demo.json)",
+    )
     parser.add_argument("--model-path", default=str(ROOT / "models" / "model.pt"), help="models/model.pt")
-    parser.add_argument("--autoencoder-path", default=str(ROOT / "models" / "autoencoder.pt"),
-                        help="models/autoencoder.pt")
+    parser.add_argument(
+        "--autoencoder-path", default=str(ROOT / "models" / "autoencoder.pt"), help="models/autoencoder.pt"
+    )
     source = parser.add_argument_group("spots (one of)")
     source.add_argument("--dataset", help="prepared dataset folder (datalist.json, expression.npy, gene_panel.json)")
     source.add_argument("--sample", help="sample id within --dataset (e.g. CRC_S04)")
-    source.add_argument("--input",
-                        help="Space Ranger outs folder, .h5ad or CSV (read with bundle.inference.read_spots)")
-    source.add_argument("--input-mpp", type=float, default=None,
-                        help="um per full-resolution pixel of --input's positions (default: from its scale factors)")
+    source.add_argument("--input", help="Space Ranger outs folder, .h5ad or CSV (read with bundle.io.spots.read_spots)")
+    source.add_argument(
+        "--input-mpp",
+        type=float,
+        default=None,
+        help="um per full-resolution pixel of --input's positions (default: from its scale factors)",
+    )
     parser.add_argument("--output", required=True, help="pyramidal TIFF to write (e.g. outputs/synthetic.tif)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the config's)")
@@ -182,18 +191,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlap", type=float, default=0.5, help="window overlap in [0, 1) (default 0.5)")
     parser.add_argument("--no-blend", action="store_true", help="naive tiling: non-overlapping windows, no blending")
     parser.add_argument("--batch-size", type=int, default=16, help="windows per network forward (default 16)")
-    parser.add_argument("--region", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), default=None,
-                        help="synthesise only this rectangle, in the spots' micrometre coordinates")
-    parser.add_argument("--tissue-distance-um", type=float, default=None,
-                        help="windows whose centre is farther from every spot are background (default: spot pitch)")
-    parser.add_argument("--mpp", type=float, default=None,
-                        help="output um/px: the model's pixel size divided by a whole number (default: the model's)")
+    parser.add_argument(
+        "--region",
+        type=float,
+        nargs=4,
+        metavar=("X0", "Y0", "X1", "Y1"),
+        default=None,
+        help="synthesise only this rectangle, in the spots' micrometre coordinates",
+    )
+    parser.add_argument(
+        "--tissue-distance-um",
+        type=float,
+        default=None,
+        help="windows whose centre is farther from every spot are background (default: spot pitch)",
+    )
+    parser.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        help="output um/px: the model's pixel size divided by a whole number (default: the model's)",
+    )
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
     parser.add_argument("--tile-size", type=int, default=256, help="TIFF tile size (default 256)")
     parser.add_argument("--workdir", default=None, help="folder for temporary files (default: the system's)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's; 1 is often fastest on a busy shared CPU)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's; 1 is often fastest on a busy shared CPU)",
+    )
     parser.add_argument("--thumbnail", default=None, help="also save a PNG thumbnail (at most 1024 px) of the slide")
     parser.add_argument("--summary-json", default=None, help="also write the summary as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -206,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     import torch
 
-    from bundle.wsi import synthesize_slide
+    from bundle.sampling.slide import synthesize_slide
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
-REALDATA = Path(os.environ.get("ST_LDM_REALDATA", ROOT.parent / "shared" / "realdata"))
-
-
-def realdata(*parts: str) -> Path:
-    """Path of a file in the shared real-data folder; skips the test (with the reason) when it is absent."""
-    path = REALDATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"real test file {path} is absent (set ST_LDM_REALDATA to the shared realdata folder)")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +20,7 @@ def demo_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_dataset(demo_root, tmp_path_factory) -> Path:
     """The demo study prepared into a dataset folder (64 um patches, 48-gene panel)."""
-    from bundle.data import prepare_dataset
+    from bundle.io.dataset import prepare_dataset
 
     out = tmp_path_factory.mktemp("dataset") / "demo"
     prepare_dataset(demo_root / "manifest.csv", out, fov_um=64.0, n_top_genes=48, min_counts=50, verbose=False)
@@ -46,7 +33,7 @@ def fid_weights(tmp_path_factory) -> Path:
     import torch
     from torch import nn
 
-    from bundle import metrics
+    from bundle.evaluation import metrics
 
     torch.manual_seed(0)
     net = metrics.build_fid_inception()

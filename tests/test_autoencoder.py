@@ -110,9 +110,7 @@ def flat_params(module: nn.Module) -> torch.Tensor:
 def test_sd_compatible_defaults_are_monai_autoencoder():
     monai_sd = tiny_autoencoder().state_dict()
     ours = SDCompatibleAutoencoderKL(**TINY)
-    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {
-        k: tuple(v.shape) for k, v in monai_sd.items()
-    }
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {k: tuple(v.shape) for k, v in monai_sd.items()}
     assert type(build_autoencoder(TINY)) is AutoencoderKL
     assert type(build_autoencoder({**TINY, "norm_out_activation": True})) is SDCompatibleAutoencoderKL
 
@@ -524,4 +522,3 @@ def test_import_script_writes_a_loadable_checkpoint(diffusers_vae, tmp_path, cap
     # the library call gives the same checkpoint
     again = import_sd_vae(folder, tmp_path / "again.pt")
     assert read_scale_factor(again) == pytest.approx(0.18215)
-

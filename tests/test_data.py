@@ -14,17 +14,12 @@ import tifffile
 import torch
 from PIL import Image
 
-from bundle.data import (
-    check_gene_panel,
-    hex_neighbors,
-    load_gene_panel,
-    prepare_dataset,
-    read_hest_metadata,
-    read_manifest,
-    read_spaceranger,
-)
+from bundle.geometry import hex_neighbors
+from bundle.io.dataset import prepare_dataset, read_manifest
+from bundle.io.gene_panel import check_gene_panel, load_gene_panel
+from bundle.io.spots import read_hest_metadata, read_spaceranger
 from bundle.transforms import LoadExpressiond, LoadWSIPatchd, NormalizeExpression, SpatialContextd
-from tests.conftest import ROOT, realdata
+from tests.helpers import ROOT, realdata
 
 
 def write_manifest(path: Path, rows: list[dict]) -> Path:
@@ -120,7 +115,7 @@ def test_prepare_demo_dataset(demo_root, demo_dataset):
 
 @pytest.mark.parametrize("backend", ["cucim", "openslide", "tifffile"])
 def test_demo_round_trip_through_loader(demo_dataset, backend):
-    from bundle.readers import available_backends
+    from bundle.io.slides import available_backends
 
     if backend not in available_backends():
         pytest.skip(f"{backend} is not installed")
@@ -181,7 +176,11 @@ def test_non_count_data_and_missing_pixel_size(tmp_path):
     image = np.asarray(Image.open(realdata("visium_mouse_brain_he", "test_img.jpg")).convert("RGB"))
     slide = tmp_path / "mouse.tif"
     tifffile.imwrite(slide, image, tile=(256, 256), photometric="rgb")  # no resolution tags
-    row = {"sample_id": "mouse", "st_path": str(realdata("visium_mouse_brain_he", "test_data.h5ad")), "slide_path": str(slide)}
+    row = {
+        "sample_id": "mouse",
+        "st_path": str(realdata("visium_mouse_brain_he", "test_data.h5ad")),
+        "slide_path": str(slide),
+    }
     manifest = write_manifest(tmp_path / "m.csv", [row])
     with pytest.raises(ValueError, match=r"sample 'mouse'.*non-integer values.*not raw counts"):
         prepare_dataset(manifest, tmp_path / "out", verbose=False)
@@ -215,7 +214,14 @@ def test_hest_sample_takes_pixel_size_from_metadata(demo_root, tmp_path):
     assert read_hest_metadata(meta)["mpp"] == 0.25
     manifest = write_manifest(
         tmp_path / "hest.csv",
-        [{"sample_id": "CRC_S01", "st_path": "st/CRC_S01.h5ad", "slide_path": "wsis/CRC_S01.tif", "metadata_path": "metadata/CRC_S01.json"}],
+        [
+            {
+                "sample_id": "CRC_S01",
+                "st_path": "st/CRC_S01.h5ad",
+                "slide_path": "wsis/CRC_S01.tif",
+                "metadata_path": "metadata/CRC_S01.json",
+            }
+        ],
     )
     summary = prepare_dataset(manifest, tmp_path / "out", fov_um=64.0, n_top_genes=16, verbose=False)
     assert summary["samples"]["CRC_S01"]["mpp_source"] == "hest:pixel_size_um_estimated"
@@ -229,8 +235,12 @@ def test_manifest_errors(demo_root, tmp_path):
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['st_path'\]"):
         read_manifest(bad)
     with pytest.raises(ValueError, match="one patient's samples in several splits"):
-        read_manifest(write_manifest(tmp_path / "leak.csv", [{**rows[0], "patient": "P1", "split": "train"},
-                                                             {**rows[1], "patient": "P1", "split": "val"}]))
+        read_manifest(
+            write_manifest(
+                tmp_path / "leak.csv",
+                [{**rows[0], "patient": "P1", "split": "train"}, {**rows[1], "patient": "P1", "split": "val"}],
+            )
+        )
     with pytest.raises(ValueError, match="split 'validation'"):
         read_manifest(write_manifest(tmp_path / "split.csv", [{**rows[0], "split": "validation"}]))
     with pytest.raises(FileNotFoundError, match="slide_path 'missing.tif'"):
@@ -257,9 +267,22 @@ def test_check_gene_panel_names_differences():
 def test_prepare_dataset_cli(demo_root, tmp_path):
     out = tmp_path / "cli"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "prepare_dataset.py"), "--manifest", str(demo_root / "manifest.csv"),
-         "--output-dir", str(out), "--fov-um", "64", "--n-top-genes", "32", "--backend", "tifffile"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "prepare_dataset.py"),
+            "--manifest",
+            str(demo_root / "manifest.csv"),
+            "--output-dir",
+            str(out),
+            "--fov-um",
+            "64",
+            "--n-top-genes",
+            "32",
+            "--backend",
+            "tifffile",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     assert "not_in_tissue" in result.stdout and "kept" in result.stdout

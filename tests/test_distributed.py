@@ -12,8 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.conftest import CONFIGS, ROOT
-from tests.test_train import TINY
+from tests.helpers import CONFIGS, ROOT, TINY_TRAIN
 
 WORLD_SIZE = 2
 
@@ -64,25 +63,36 @@ def test_patch_wraps_networks_and_keeps_ema_plain():
     assert "@is_not_rank0" in run[1] and "barrier" in run[2] and "@train#trainer.run()" in run[3]
     # the handler indices the patch relies on
     assert parser["train#handlers#7#_target_"] == "MLFlowHandler"
-    assert parser["train#handlers#9#_target_"] == "bundle.training.FinalModelSaver"
+    assert parser["train#handlers#9#_target_"] == "bundle.handlers.FinalModelSaver"
 
 
 @pytest.mark.slow
 def test_torchrun_two_processes_gloo(demo_dataset, tmp_path):
     root = tmp_path / "bundle"
     root.mkdir()
-    tiny = dict(TINY)
+    tiny = dict(TINY_TRAIN)
     tiny["+imports"] = ["$import json"]
     tiny["+training"] = [RECORD]  # `run training` runs the `training` list
     tiny_file = tmp_path / "tiny.json"
     tiny_file.write_text(json.dumps(tiny))
     configs = [str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json"), str(tiny_file)]
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD_SIZE),
-        "-m", "monai.bundle", "run", "training",
-        "--config_file", json.dumps(configs),
-        "--bundle_root", str(root),
-        "--dataset_dir", str(demo_dataset),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(WORLD_SIZE),
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        json.dumps(configs),
+        "--bundle_root",
+        str(root),
+        "--dataset_dir",
+        str(demo_dataset),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MKL_NUM_THREADS": "1"}
     start = time.monotonic()
@@ -93,11 +103,13 @@ def test_torchrun_two_processes_gloo(demo_dataset, tmp_path):
     models = root / "models"
     assert sorted(p.name for p in models.iterdir()) == ["autoencoder.pt", "model.pt"]
     model = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
-    assert model["iteration"] == TINY["num_iterations"]
+    assert model["iteration"] == TINY_TRAIN["num_iterations"]
     assert not any(k.startswith("module.") for k in model["network"])  # the unwrapped EMA copy was saved
     ckpts = list((root / "outputs" / "diffusion_checkpoints").glob("checkpoint*.pt"))
     assert len(ckpts) == 1
-    assert not any(k.startswith("module.") for k in torch.load(ckpts[0], map_location="cpu", weights_only=True)["network"])
+    assert not any(
+        k.startswith("module.") for k in torch.load(ckpts[0], map_location="cpu", weights_only=True)["network"]
+    )
 
     records = [json.loads((root / f"ddp_rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
     assert [r["rank"] for r in records] == list(range(WORLD_SIZE))
@@ -107,7 +119,7 @@ def test_torchrun_two_processes_gloo(demo_dataset, tmp_path):
         assert not r["ema_is_ddp"] and r["ema_type"] == "GeneConditionedUNet"
         assert r["loader_uses_sampler"] and r["val_loader_uses_sampler"]
         assert r["lr"] == pytest.approx(r["base_lr"] * WORLD_SIZE)
-        assert r["iteration"] == TINY["num_iterations"]
+        assert r["iteration"] == TINY_TRAIN["num_iterations"]
         assert r["final_saver_enabled"] == (r["rank"] == 0)
     # each rank trained on its own shard of the data ...
     size = records[0]["dataset_size"]

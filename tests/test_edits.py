@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from bundle.edits import GeneEdit, apply_edits, edit_direction, parse_edit, read_gene_sets, resolve_edit
+from bundle.sampling.edits import GeneEdit, apply_edits, edit_direction, parse_edit, read_gene_sets, resolve_edit
 
 GENES = ["CD3E", "PTPRC", "EPCAM", "CA9", "VEGFA", "ACTB"]
 

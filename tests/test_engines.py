@@ -15,7 +15,7 @@ from monai.utils import CommonKeys
 from torch import nn
 
 from bundle.engines import LatentDiffusionPrepareBatch
-from bundle.networks import GeneCondNet, GeneConditionedUNet
+from bundle.networks import GeneConditionedUNet, GeneCondNet
 
 NUM_GENES = 12
 LATENT_CHANNELS = 3

@@ -15,7 +15,7 @@ from torch import nn
 
 from bundle import evaluation as E
 from bundle.demo import COMPARTMENTS
-from tests.conftest import CONFIGS
+from tests.helpers import CONFIGS
 
 FOV_UM, SIZE = 64.0, 32
 
@@ -355,8 +355,8 @@ def tiny_model(demo_dataset, tmp_path_factory) -> Path:
     from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
     from bundle.autoencoder import save_autoencoder_checkpoint
-    from bundle.networks import GeneCondNet, GeneConditionedUNet
-    from bundle.training import save_model
+    from bundle.checkpoints import save_model
+    from bundle.networks import GeneConditionedUNet, GeneCondNet
 
     genes = json.loads((demo_dataset / "gene_panel.json").read_text())["genes"]
     folder = tmp_path_factory.mktemp("tiny_models")

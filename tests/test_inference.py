@@ -12,13 +12,27 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from tests.conftest import CONFIGS, ROOT
-from tests.test_train import TINY
+from tests.helpers import CONFIGS, ROOT, TINY_TRAIN
 
 ARCHITECTURE_KEYS = ("cross_attention_dim", "num_context_tokens", "gene_encoder_hidden_dim", "unet_kwargs")
 MANIFEST_COLUMNS = [
-    "spot_id", "png", "sample", "spot_index", "seed", "x_um", "y_um", "edits", "guidance_scale", "num_inference_steps",
-    "scheduler", "eta", "model_path", "autoencoder_path", "model_iteration", "input", "device",
+    "spot_id",
+    "png",
+    "sample",
+    "spot_index",
+    "seed",
+    "x_um",
+    "y_um",
+    "edits",
+    "guidance_scale",
+    "num_inference_steps",
+    "scheduler",
+    "eta",
+    "model_path",
+    "autoencoder_path",
+    "model_iteration",
+    "input",
+    "device",
 ]
 NORMALIZATION = {"method": "normalize_total+log1p", "target_sum": 10000.0, "null_value": -1.0}
 
@@ -47,14 +61,14 @@ def tiny(demo_root, tmp_path_factory) -> dict:
     from monai.networks.nets import AutoencoderKL
 
     from bundle.autoencoder import save_autoencoder_checkpoint
-    from bundle.data import read_spaceranger
-    from bundle.training import save_model
+    from bundle.checkpoints import save_model
+    from bundle.io.spots import read_spaceranger
 
     root = tmp_path_factory.mktemp("tiny_bundle")
     spaceranger = demo_root / "CRC_S02" / "spaceranger"
     measured = list(read_spaceranger(spaceranger).var_names)
     genes = measured[:10] + [g for g in ("PTPRC", "CD3E", "CD74", "MKI67") if g in measured and g not in measured[:10]]
-    architecture = {k: copy.deepcopy(TINY[k]) for k in ARCHITECTURE_KEYS}
+    architecture = {k: copy.deepcopy(TINY_TRAIN[k]) for k in ARCHITECTURE_KEYS}
     layer = root / "tiny.json"
     layer.write_text(json.dumps({**architecture, "num_inference_steps": 2, "progress": False}))
 
@@ -76,11 +90,15 @@ def tiny(demo_root, tmp_path_factory) -> dict:
         "architecture": {**architecture, "num_neighbors": 6},
     }
     model_path = save_model(root / "models" / "model.pt", network, genes, 0.5, extra)
-    ae_kwargs = dict(TINY["autoencoder_kwargs"])
+    ae_kwargs = dict(TINY_TRAIN["autoencoder_kwargs"])
     autoencoder = AutoencoderKL(**ae_kwargs)
     autoencoder_path = save_autoencoder_checkpoint(root / "models" / "autoencoder.pt", autoencoder, 0.5, ae_kwargs)
     return {
-        "root": root, "layer": layer, "genes": genes, "spaceranger": spaceranger, "model_path": model_path,
+        "root": root,
+        "layer": layer,
+        "genes": genes,
+        "spaceranger": spaceranger,
+        "model_path": model_path,
         "autoencoder_path": autoencoder_path,
     }
 
@@ -88,8 +106,12 @@ def tiny(demo_root, tmp_path_factory) -> dict:
 def run_inference(tiny: dict, output_dir: Path, check: bool = False, **override) -> Path:
     """Run configs/inference.json (+ the tiny layer) as ``python -m monai.bundle run`` does; return output_dir."""
     settings = {
-        "bundle_root": str(tiny["root"]), "input": str(tiny["spaceranger"]), "output_dir": str(output_dir),
-        "num_spots": 3, "batch_size": 2, **override,
+        "bundle_root": str(tiny["root"]),
+        "input": str(tiny["spaceranger"]),
+        "output_dir": str(output_dir),
+        "num_spots": 3,
+        "batch_size": 2,
+        **override,
     }
     workflow = ConfigWorkflow(
         workflow_type="infer",
@@ -127,7 +149,7 @@ def test_spaceranger_run_writes_pngs_and_manifest(reference_run, tiny):
     rows = read_manifest(reference_run)
     assert list(rows[0]) == MANIFEST_COLUMNS and len(rows) == 3
     assert sorted(p.name for p in reference_run.glob("*.png")) == sorted(r["png"] for r in rows)
-    for spot, image in pixels(reference_run).items():
+    for _spot, image in pixels(reference_run).items():
         assert image.shape == (16, 16, 3) and image.dtype == np.uint8
     assert [int(r["seed"]) for r in rows] == [int(r["spot_index"]) for r in rows]  # seed 0 + row in the input
     assert rows[0]["spot_index"] == "0" and rows[0]["sample"] == "CRC_S02" and float(rows[0]["x_um"]) > 0
@@ -162,8 +184,8 @@ def test_same_seed_same_png_in_any_batch_and_other_seed_differs(reference_run, t
 def test_read_spots_normalises_like_training(tiny, tmp_path):
     import scanpy as sc
 
-    from bundle.data import read_spaceranger
-    from bundle.inference import build_conditions, read_spots
+    from bundle.io.spots import read_spaceranger, read_spots
+    from bundle.sampling.generation import build_conditions
 
     genes = tiny["genes"]
     spots = read_spots(tiny["spaceranger"], genes, NORMALIZATION)
@@ -205,8 +227,8 @@ def test_read_spots_normalises_like_training(tiny, tmp_path):
 def test_h5ad_and_csv_inputs_generate(tiny, reference_run, tmp_path):
     import logging
 
-    from bundle.data import read_spaceranger
-    from bundle.inference import build_conditions, read_spots
+    from bundle.io.spots import read_spaceranger, read_spots
+    from bundle.sampling.generation import build_conditions
 
     adata = read_spaceranger(tiny["spaceranger"])
     reference = read_manifest(reference_run)
@@ -223,11 +245,11 @@ def test_h5ad_and_csv_inputs_generate(tiny, reference_run, tmp_path):
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = records.append
-    logging.getLogger("bundle.inference").addHandler(handler)
+    logging.getLogger("bundle.sampling.generation").addHandler(handler)
     try:
         out = run_inference(tiny, tmp_path / "csv", input=str(tmp_path / "spots.csv"), num_spots=2)
     finally:
-        logging.getLogger("bundle.inference").removeHandler(handler)
+        logging.getLogger("bundle.sampling.generation").removeHandler(handler)
     rows = read_manifest(out)
     assert len(rows) == 2 and rows[0]["sample"] == "spots" and rows[0]["x_um"] == ""
     assert any("stands in for its 6 missing neighbours" in r.getMessage() for r in records)
@@ -240,7 +262,7 @@ def test_h5ad_and_csv_inputs_generate(tiny, reference_run, tmp_path):
 
 
 def test_missing_panel_gene_refused_and_nothing_written(tiny, tmp_path):
-    from bundle.data import read_spaceranger
+    from bundle.io.spots import read_spaceranger
 
     table = read_spaceranger(tiny["spaceranger"]).to_df().astype(int)
     dropped = tiny["genes"][3]
@@ -272,7 +294,8 @@ def test_wrong_architecture_unknown_spot_and_foreign_output_dir_refused(tiny, tm
 
 
 def test_ddpm_scheduler_and_edits(tiny, reference_run, tmp_path):
-    from bundle.inference import read_spots, spot_datalist
+    from bundle.io.spots import read_spots
+    from bundle.sampling.generation import spot_datalist
 
     out = run_inference(tiny, tmp_path / "ddpm", scheduler="ddpm", num_spots=2, edits=["CD3E*8"])
     rows = read_manifest(out)
@@ -300,8 +323,15 @@ def test_edit_script_writes_grid_and_refuses_unknown_genes(tiny, reference_run, 
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     base = [
-        "--config-file", str(CONFIGS / "inference.json"), str(tiny["layer"]), "--bundle-root", str(tiny["root"]),
-        "--input", str(tiny["spaceranger"]), "--num-spots", "3",
+        "--config-file",
+        str(CONFIGS / "inference.json"),
+        str(tiny["layer"]),
+        "--bundle-root",
+        str(tiny["root"]),
+        "--input",
+        str(tiny["spaceranger"]),
+        "--num-spots",
+        "3",
     ]
     grid = tmp_path / "grid.png"
     edits = ["--edit", "immune*4", "--edit", "CD3E=3,MKI67*2"]

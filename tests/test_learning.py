@@ -12,7 +12,7 @@ from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 
 from bundle.engines import LatentDiffusionPrepareBatch
-from bundle.networks import GeneCondNet, GeneConditionedUNet
+from bundle.networks import GeneConditionedUNet, GeneCondNet
 from bundle.transforms import LoadExpressiond, LoadWSIPatchd
 
 
@@ -39,18 +39,35 @@ def test_stage2_loss_drops_and_condition_matters(demo_dataset, demo_root):
     n, genes = expression.shape
     # a fixed (randomly initialised, frozen) KL encoder gives 16x16 latents, as stage 1 would
     autoencoder = AutoencoderKL(
-        spatial_dims=2, in_channels=3, out_channels=3, channels=(8, 8), latent_channels=3, num_res_blocks=1,
-        attention_levels=(False, False), norm_num_groups=4, with_encoder_nonlocal_attn=False,
+        spatial_dims=2,
+        in_channels=3,
+        out_channels=3,
+        channels=(8, 8),
+        latent_channels=3,
+        num_res_blocks=1,
+        attention_levels=(False, False),
+        norm_num_groups=4,
+        with_encoder_nonlocal_attn=False,
         with_decoder_nonlocal_attn=False,
     )
-    scheduler = DDPMScheduler(num_train_timesteps=1000, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195
+    )
     prepare = LatentDiffusionPrepareBatch(autoencoder, num_train_timesteps=1000, scale_factor=1.0, scheduler=scheduler)
     with torch.no_grad():
         latents = autoencoder.encode(images)[0]  # posterior means: deterministic latents
     latents = latents / latents.std()
     unet = DiffusionModelUNet(
-        spatial_dims=2, in_channels=3, out_channels=3, channels=(16, 32), attention_levels=(False, True),
-        num_head_channels=(0, 16), num_res_blocks=1, norm_num_groups=8, with_conditioning=True, cross_attention_dim=32,
+        spatial_dims=2,
+        in_channels=3,
+        out_channels=3,
+        channels=(16, 32),
+        attention_levels=(False, True),
+        num_head_channels=(0, 16),
+        num_res_blocks=1,
+        norm_num_groups=8,
+        with_conditioning=True,
+        cross_attention_dim=32,
     )
     network = GeneConditionedUNet(GeneCondNet(genes, 32, num_tokens=2, hidden_dim=64), unet)
     optimizer = torch.optim.AdamW(network.parameters(), lr=2e-3)
@@ -72,7 +89,7 @@ def test_stage2_loss_drops_and_condition_matters(demo_dataset, demo_root):
         return torch.mean((pred - eval_noise) ** 2).item()
 
     start = eval_loss(expression)
-    for step in range(300):
+    for _step in range(300):
         idx = torch.randint(0, n, (32,))
         condition = expression[idx].clone()
         condition[torch.rand(32) < 0.1] = -1.0  # condition dropout, as RandDropConditiond
@@ -87,7 +104,9 @@ def test_stage2_loss_drops_and_condition_matters(demo_dataset, demo_root):
     true_condition = eval_loss(expression)
     wrong_condition = eval_loss(expression[other])
     null_condition = eval_loss(torch.full_like(expression, -1.0))
-    print(f"loss start {start:.4f} true {true_condition:.4f} other compartment {wrong_condition:.4f} null {null_condition:.4f}")
+    print(
+        f"loss start {start:.4f} true {true_condition:.4f} other compartment {wrong_condition:.4f} null {null_condition:.4f}"
+    )
     assert true_condition < 0.8 * start
     assert true_condition < wrong_condition
     assert true_condition < null_condition

@@ -10,7 +10,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 
-from tests.conftest import CONFIGS, ROOT
+from tests.helpers import CONFIGS, ROOT
 
 SCHEMA = CONFIGS / "meta_schema.json"
 META = CONFIGS / "metadata.json"

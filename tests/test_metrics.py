@@ -15,7 +15,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from bundle import metrics as M
+from bundle.evaluation import metrics as M
 
 # --------------------------------------------------------------------------------------------------------------------
 # helpers

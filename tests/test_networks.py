@@ -9,7 +9,7 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler
 from torch import nn
 
-from bundle.networks import GeneCondNet, GeneConditionedUNet, LinearGeneCondNet
+from bundle.networks import GeneConditionedUNet, GeneCondNet, LinearGeneCondNet
 
 NUM_GENES = 12
 DIM = 16

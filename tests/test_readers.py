@@ -7,9 +7,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from bundle.readers import available_backends, get_wsi_reader, level_for_mpp, open_slide, read_slide_info
-from bundle.utils import rowcol_to_xy, xy_to_rowcol
-from tests.conftest import realdata
+from bundle.geometry import rowcol_to_xy, xy_to_rowcol
+from bundle.io.slides import available_backends, get_wsi_reader, level_for_mpp, open_slide, read_slide_info
+from tests.helpers import realdata
 
 BACKENDS = available_backends()
 

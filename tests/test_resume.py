@@ -12,24 +12,32 @@ import time
 import pytest
 import torch
 
-from tests.conftest import CONFIGS, ROOT
-from tests.test_train import TINY
+from tests.helpers import CONFIGS, ROOT, TINY_TRAIN
 
 
 def bundle_command(tiny_config, root, dataset) -> list[str]:
     return [
-        sys.executable, "-m", "monai.bundle", "run", "training",
-        "--config_file", json.dumps([str(CONFIGS / "train.json"), str(tiny_config)]),
-        "--meta_file", str(CONFIGS / "metadata.json"),
-        "--logging_file", str(CONFIGS / "logging.conf"),
-        "--bundle_root", str(root),
-        "--dataset_dir", str(dataset),
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        json.dumps([str(CONFIGS / "train.json"), str(tiny_config)]),
+        "--meta_file",
+        str(CONFIGS / "metadata.json"),
+        "--logging_file",
+        str(CONFIGS / "logging.conf"),
+        "--bundle_root",
+        str(root),
+        "--dataset_dir",
+        str(dataset),
     ]
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint(demo_dataset, tmp_path):
-    tiny = {**TINY, "num_iterations": 160, "epoch_length": 4, "val_interval": 1000, "sample_interval": 1000}
+    tiny = {**TINY_TRAIN, "num_iterations": 160, "epoch_length": 4, "val_interval": 1000, "sample_interval": 1000}
     tiny_config = tmp_path / "tiny.json"
     tiny_config.write_text(json.dumps(tiny))
     root = tmp_path / "bundle"
@@ -55,8 +63,11 @@ def test_killed_run_resumes_from_its_last_checkpoint(demo_dataset, tmp_path):
     log = second.stdout + second.stderr
     assert second.returncode == 0, log[-3000:]
     assert "resuming from" in log
-    epochs = [int(line.split("Epoch[")[1].split("]")[0]) for line in log.splitlines()
-              if "SupervisedTrainer - INFO - Epoch[" in line and "Complete" in line]
+    epochs = [
+        int(line.split("Epoch[")[1].split("]")[0])
+        for line in log.splitlines()
+        if "SupervisedTrainer - INFO - Epoch[" in line and "Complete" in line
+    ]
     assert epochs and epochs[0] == saved // 4 + 1  # the first epoch run is the one after the checkpoint, not epoch 1
     assert "stage 1: using the autoencoder" in log  # stage 1 was complete and is not retrained
     model = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
@@ -65,7 +76,6 @@ def test_killed_run_resumes_from_its_last_checkpoint(demo_dataset, tmp_path):
     executed = json.loads((root / "outputs" / "executed_config.json").read_text())
     assert executed["num_iterations"] == 160 and executed["dataset_dir"] == str(demo_dataset)
     import mlflow
-
     from monai.utils import path_to_sqlite_uri
 
     client = mlflow.MlflowClient(path_to_sqlite_uri(str(root / "outputs" / "mlruns.db")))

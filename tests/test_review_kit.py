@@ -429,7 +429,7 @@ def test_score_errors_name_the_file(kit_key, tmp_path, capsys):
 
 def test_score_undefined_kappa_is_null(kit_key, tmp_path):
     key_path, key = kit_key
-    same = {n: "real" for n in key["images"]}
+    same = dict.fromkeys(key["images"], "real")
     paths = [_dump(tmp_path / f"answers_{r}.json", _answers(key, r, same)) for r in ("A", "B")]
     report = score_answers(key_path, paths)
     assert report["reviewers"][0]["accuracy"] == 0.5 and report["reviewers"][0]["sensitivity"] == 0.0
@@ -458,8 +458,7 @@ def _chrome(download_dir: Path, profile_dir: Path):
         options.add_argument(arg)
     options.add_argument(f"--user-data-dir={profile_dir}")
     options.add_experimental_option(
-        "prefs",
-        {"download.default_directory": str(download_dir), "download.prompt_for_download": False},
+        "prefs", {"download.default_directory": str(download_dir), "download.prompt_for_download": False}
     )
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)  # explicit driver: no download
 

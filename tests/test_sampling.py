@@ -8,28 +8,50 @@ from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from bundle.handlers import save_pair_grid
-from bundle.networks import GeneCondNet, GeneConditionedUNet
-from bundle.sampling import ExpressionToTissuePipeline, seeded_generators
+from bundle.networks import GeneConditionedUNet, GeneCondNet
+from bundle.sampling.pipeline import ExpressionToTissuePipeline, seeded_generators
 
 
 @pytest.fixture(scope="module")
 def pipeline():
     torch.manual_seed(0)
     autoencoder = AutoencoderKL(
-        spatial_dims=2, in_channels=3, out_channels=3, channels=(8, 8), latent_channels=3, num_res_blocks=1,
-        attention_levels=(False, False), norm_num_groups=4, with_encoder_nonlocal_attn=False,
+        spatial_dims=2,
+        in_channels=3,
+        out_channels=3,
+        channels=(8, 8),
+        latent_channels=3,
+        num_res_blocks=1,
+        attention_levels=(False, False),
+        norm_num_groups=4,
+        with_encoder_nonlocal_attn=False,
         with_decoder_nonlocal_attn=False,
     )
     unet = DiffusionModelUNet(
-        spatial_dims=2, in_channels=3, out_channels=3, channels=(8, 8), attention_levels=(False, True),
-        num_head_channels=(0, 8), num_res_blocks=1, norm_num_groups=8, with_conditioning=True, cross_attention_dim=16,
+        spatial_dims=2,
+        in_channels=3,
+        out_channels=3,
+        channels=(8, 8),
+        attention_levels=(False, True),
+        num_head_channels=(0, 8),
+        num_res_blocks=1,
+        norm_num_groups=8,
+        with_conditioning=True,
+        cross_attention_dim=16,
     )
     for p in unet.parameters():  # MONAI zero-initialises output layers; make the condition visible in the output
         torch.nn.init.normal_(p, std=0.05)
     network = GeneConditionedUNet(GeneCondNet(5, 16, num_tokens=2, hidden_dim=16, num_neighbors=6), unet)
     scheduler = DDIMScheduler(num_train_timesteps=1000, prediction_type="v_prediction", clip_sample=False)
-    return ExpressionToTissuePipeline(network, autoencoder, scheduler, scale_factor=0.5, latent_shape=(3, 8, 8),
-                                      num_inference_steps=3, guidance_scale=3.0)
+    return ExpressionToTissuePipeline(
+        network,
+        autoencoder,
+        scheduler,
+        scale_factor=0.5,
+        latent_shape=(3, 8, 8),
+        num_inference_steps=3,
+        guidance_scale=3.0,
+    )
 
 
 def test_same_seed_same_patch_and_range(pipeline):
@@ -87,7 +109,9 @@ def test_per_sample_generators_do_not_depend_on_batch(pipeline):
 
 def test_ddpm_is_seeded_per_sample_and_two_forward_cfg_matches(pipeline):
     ddpm = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction", clip_sample=False)
-    sampler = ExpressionToTissuePipeline(pipeline.network, pipeline.autoencoder, ddpm, 0.5, (3, 8, 8), num_inference_steps=4)
+    sampler = ExpressionToTissuePipeline(
+        pipeline.network, pipeline.autoencoder, ddpm, 0.5, (3, 8, 8), num_inference_steps=4
+    )
     assert sampler.stochastic and not pipeline.stochastic
     condition = torch.rand(2, 7, 5)
     a = sampler(condition, generator=seeded_generators([3, 4]))

@@ -1,4 +1,4 @@
-"""Whole-slide synthesis (``bundle.wsi.synthesize_slide``), the seam metric and the streamed pyramid writer."""
+"""Whole-slide synthesis (``bundle.sampling.slide.synthesize_slide``), the seam metric and the streamed pyramid writer."""
 
 from __future__ import annotations
 
@@ -13,20 +13,17 @@ import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from bundle.data import hex_neighbors
 from bundle.demo import visium_spot_lattice
-from bundle.networks import GeneCondNet, GeneConditionedUNet
-from bundle.sampling import ExpressionToTissuePipeline
-from bundle.wsi import (
-    downsample_by_two,
+from bundle.geometry import hex_neighbors, lattice_offsets
+from bundle.io.tiff import downsample_by_two, write_pyramidal_tiff, write_pyramidal_tiff_streamed
+from bundle.networks import GeneConditionedUNet, GeneCondNet
+from bundle.sampling.pipeline import ExpressionToTissuePipeline
+from bundle.sampling.slide import (
     initial_canvas_noise,
     interpolate_expression,
-    lattice_offsets,
     seam_score,
     synthesize_slide,
     window_weights,
-    write_pyramidal_tiff,
-    write_pyramidal_tiff_streamed,
 )
 
 FOV_UM = 128.0  # tiny model: 16-px patches (decoder x2) of 8x8 latents, so 8 um/px and 16 um per latent pixel
@@ -148,6 +145,7 @@ def test_synthetic_slide_reads_back_with_every_reader(slide: dict, spots: dict) 
     assert far.sum() > 100 and near.sum() > 100
     assert level0[far].min() >= 245  # JPEG rounding only
     assert level0[near].mean() < 235
+
     # level 1 is level 0 halved (compared at 4x4-block means: JPEG noise on pixel-level texture averages out)
     def blocks(image: np.ndarray) -> np.ndarray:
         h, w = image.shape[0] // 4 * 4, image.shape[1] // 4 * 4

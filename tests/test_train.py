@@ -10,50 +10,7 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from tests.conftest import CONFIGS
-
-TINY = {
-    "patch_size": 32,
-    "patch_fov_um": 64.0,
-    "num_workers": 0,
-    "cache_rate": 1.0,
-    "batch_size": 4,
-    "val_batch_size": 16,
-    "num_sample_spots": 4,
-    "autoencoder_kwargs": {
-        "spatial_dims": 2,
-        "in_channels": 3,
-        "out_channels": 3,
-        "channels": [8, 8],
-        "latent_channels": 3,
-        "num_res_blocks": 1,
-        "attention_levels": [False, False],
-        "norm_num_groups": 4,
-        "with_encoder_nonlocal_attn": False,
-        "with_decoder_nonlocal_attn": False,
-    },
-    "discriminator_kwargs": {"channels": 8, "num_layers_d": 1},
-    "autoencoder_iterations": 4,
-    "autoencoder_epoch_length": 2,
-    "adv_start_iteration": 2,
-    "cross_attention_dim": 16,
-    "num_context_tokens": 2,
-    "gene_encoder_hidden_dim": 32,
-    "unet_kwargs": {
-        "spatial_dims": 2,
-        "channels": [8, 8],
-        "attention_levels": [False, True],
-        "num_head_channels": [0, 8],
-        "num_res_blocks": 1,
-        "norm_num_groups": 8,
-        "transformer_num_layers": 1,
-    },
-    "num_iterations": 4,
-    "epoch_length": 2,
-    "warmup_iterations": 1,
-    "sample_interval": 2,
-    "num_inference_steps": 2,
-}
+from tests.helpers import CONFIGS, TINY_TRAIN
 
 
 def run_bundle(*config_names: str, run_id: str = "run", check: bool = False, **override) -> ConfigWorkflow:
@@ -82,7 +39,7 @@ def run_bundle(*config_names: str, run_id: str = "run", check: bool = False, **o
 @pytest.fixture(scope="module")
 def trained_bundle(demo_dataset, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bundle")
-    run_bundle("train.json", run_id="training", bundle_root=str(root), dataset_dir=str(demo_dataset), **TINY)
+    run_bundle("train.json", run_id="training", bundle_root=str(root), dataset_dir=str(demo_dataset), **TINY_TRAIN)
     return root
 
 
@@ -98,9 +55,9 @@ def test_train_runs_both_stages(trained_bundle, demo_dataset):
     genes = json.loads((demo_dataset / "gene_panel.json").read_text())["genes"]
     assert model["gene_panel"] == genes
     assert model["scale_factor"] == pytest.approx(scale_factor)
-    assert model["iteration"] == TINY["num_iterations"]
-    assert model["architecture"]["unet_kwargs"] == TINY["unet_kwargs"]  # inference checks its config against this
-    assert model["patch_size"] == TINY["patch_size"] and model["latent_shape"][0] == 3
+    assert model["iteration"] == TINY_TRAIN["num_iterations"]
+    assert model["architecture"]["unet_kwargs"] == TINY_TRAIN["unet_kwargs"]  # inference checks its config against this
+    assert model["patch_size"] == TINY_TRAIN["patch_size"] and model["latent_shape"][0] == 3
     assert (root / "outputs" / "samples" / "grid_latest.png").is_file()
     assert (root / "outputs" / "samples" / "grid_iter2.png").is_file()
     assert list((root / "outputs" / "diffusion_checkpoints").glob("checkpoint*.pt"))
@@ -108,7 +65,6 @@ def test_train_runs_both_stages(trained_bundle, demo_dataset):
 
 def test_mlflow_run_has_params_metrics_and_grids(trained_bundle):
     import mlflow
-
     from monai.utils import path_to_sqlite_uri
 
     client = mlflow.MlflowClient(path_to_sqlite_uri(os.path.abspath(trained_bundle / "outputs" / "mlruns.db")))
@@ -129,8 +85,13 @@ def test_stage2_alone_reuses_the_autoencoder(trained_bundle, demo_dataset):
     before = ckpt.stat().st_mtime_ns
     out = trained_bundle / "again"
     run_bundle(
-        "train.json", run_id="run", check=True, bundle_root=str(trained_bundle), output_dir=str(out),
-        dataset_dir=str(demo_dataset), **TINY,
+        "train.json",
+        run_id="run",
+        check=True,
+        bundle_root=str(trained_bundle),
+        output_dir=str(out),
+        dataset_dir=str(demo_dataset),
+        **TINY_TRAIN,
     )
     assert ckpt.stat().st_mtime_ns == before
     assert not (out / "autoencoder_checkpoints").exists()
@@ -148,8 +109,11 @@ def test_resume_refuses_another_gene_panel(trained_bundle, demo_dataset, tmp_pat
     (other / "gene_panel.json").write_text(json.dumps(panel))
     with pytest.raises(RuntimeError) as excinfo:  # the config expression wraps the ValueError
         run_bundle(
-            "train.json", run_id="training", bundle_root=str(trained_bundle), dataset_dir=str(other),
-            **{**TINY, "num_iterations": 8},
+            "train.json",
+            run_id="training",
+            bundle_root=str(trained_bundle),
+            dataset_dir=str(other),
+            **{**TINY_TRAIN, "num_iterations": 8},
         )
     cause = excinfo.value.__cause__
     assert isinstance(cause, ValueError) and "missing ['" in str(cause) and "unexpected ['NOTAGENE']" in str(cause)

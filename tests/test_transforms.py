@@ -10,7 +10,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from bundle.readers import available_backends
+from bundle.io.slides import available_backends
 from bundle.transforms import (
     LoadExpressiond,
     LoadWSIPatch,
@@ -25,7 +25,7 @@ from bundle.transforms import (
     SpatialContextd,
     check_counts,
 )
-from tests.conftest import realdata
+from tests.helpers import realdata
 
 MOUSE_MPP = 0.615  # um/px of the squidpy crop (spot diameter ~89 px = 55 um)
 
@@ -38,7 +38,9 @@ def mouse_pair(tmp_path_factory):
     image = np.asarray(Image.open(realdata("visium_mouse_brain_he", "test_img.jpg")).convert("RGB"))
     path = tmp_path_factory.mktemp("mouse") / "mouse_he.tif"
     res = 1e4 / MOUSE_MPP
-    tifffile.imwrite(path, image, tile=(256, 256), photometric="rgb", resolution=(res, res), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        path, image, tile=(256, 256), photometric="rgb", resolution=(res, res), resolutionunit="CENTIMETER"
+    )
     adata = anndata.read_h5ad(realdata("visium_mouse_brain_he", "test_data.h5ad"))
     return path, image, np.asarray(adata.obsm["spatial"], dtype=float), adata
 
@@ -46,7 +48,10 @@ def mouse_pair(tmp_path_factory):
 @pytest.mark.parametrize("backend", available_backends())
 def test_patches_are_centred_on_real_spots(mouse_pair, backend):
     path, image, spots, _ = mouse_pair
-    assert image.shape[:2] == (1717, 950)  # 950 wide, 1717 tall, not square: an (x, y) / (row, col) mix-up reads elsewhere or fails
+    assert image.shape[:2] == (
+        1717,
+        950,
+    )  # 950 wide, 1717 tall, not square: an (x, y) / (row, col) mix-up reads elsewhere or fails
     size = 64
     loader = LoadWSIPatch(fov_um=size * MOUSE_MPP, size=size, backend=backend)
     checked = 0
@@ -72,7 +77,9 @@ def test_patch_resized_from_field_of_view(mouse_pair):
     assert patch.shape == (3, 32, 32)
     # the centre of the patch shows the centre of the crop: compare mean colour of the middle quarter
     middle = patch.permute(1, 2, 0).numpy()[12:20, 12:20].reshape(-1, 3).mean(0)
-    crop_middle = crop[region * 12 // 32 : region * 20 // 32, region * 12 // 32 : region * 20 // 32].reshape(-1, 3).mean(0)
+    crop_middle = (
+        crop[region * 12 // 32 : region * 20 // 32, region * 12 // 32 : region * 20 // 32].reshape(-1, 3).mean(0)
+    )
     np.testing.assert_allclose(middle, crop_middle, atol=6)
     assert patch.meta["mpp"] == pytest.approx(4.0)
 
@@ -114,7 +121,7 @@ def test_loader_rejects_bad_arguments():
 def test_normalize_expression_matches_scanpy():
     import scanpy as sc
 
-    from bundle.data import read_spaceranger
+    from bundle.io.spots import read_spaceranger
 
     adata = read_spaceranger(realdata("visium_human_spaceranger1"))
     counts = adata.X.toarray()
@@ -187,7 +194,9 @@ def test_rand_drop_condition_writes_null_value():
 
 
 def test_stain_jitter_changes_stain_not_structure():
-    tile = torch.from_numpy(np.array(Image.open(realdata("tiles", "crc_tcga_512_1.jpg")).convert("RGB"))).permute(2, 0, 1)
+    tile = torch.from_numpy(np.array(Image.open(realdata("tiles", "crc_tcga_512_1.jpg")).convert("RGB"))).permute(
+        2, 0, 1
+    )
     tile = tile[:, :128, :128].contiguous()
     identity = RandHEStainJitter(prob=1.0, sigma=0.0, bias=0.0)(tile)
     assert (identity.int() - tile.int()).abs().max() <= 2  # deconvolution round trip

@@ -1,4 +1,4 @@
-"""``bundle.wsi.write_pyramidal_tiff``: written once, read back with every whole-slide reader the bundle uses."""
+"""``bundle.io.tiff.write_pyramidal_tiff``: written once, read back with every whole-slide reader the bundle uses."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bundle.wsi import downsample_by_two, pyramid_level_shapes, write_pyramidal_tiff
+from bundle.io.tiff import downsample_by_two, pyramid_level_shapes, write_pyramidal_tiff
 
 MPP = 0.25
 HEIGHT, WIDTH = 700, 1000

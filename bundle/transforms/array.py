@@ -17,8 +17,8 @@ from monai.data.wsi_reader import CuCIMWSIReader
 from monai.transforms import RandomizableTransform, Transform
 from monai.utils import TransformBackends, ensure_tuple_rep
 
-from bundle.readers import get_wsi_reader, level_for_mpp, open_slide
-from bundle.utils import xy_to_rowcol
+from bundle.geometry import xy_to_rowcol
+from bundle.io.slides import get_wsi_reader, level_for_mpp, open_slide
 
 __all__ = [
     "LoadWSIPatch",
@@ -128,7 +128,9 @@ class LoadWSIPatch(Transform):
         patch = self._read(wsi, sizes[level], ds, level, (top0, left0), region)
         image = torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1)
         if region != self.size:
-            resized = F.interpolate(image[None].float(), size=self.size, mode="bilinear", antialias=True, align_corners=False)
+            resized = F.interpolate(
+                image[None].float(), size=self.size, mode="bilinear", antialias=True, align_corners=False
+            )
             image = resized[0].round_().clamp_(0, 255).to(torch.uint8)
         meta = {
             "filename_or_obj": path,
@@ -212,7 +214,9 @@ def check_counts(counts: NdarrayOrTensor, name: str = "counts") -> None:
         counts: values that should be non-negative integers.
         name: what the values are, for the message (e.g. a sample id).
     """
-    values = torch.as_tensor(np.array(counts) if isinstance(counts, np.ndarray) and not counts.flags.writeable else counts)
+    values = torch.as_tensor(
+        np.array(counts) if isinstance(counts, np.ndarray) and not counts.flags.writeable else counts
+    )
     if values.numel() == 0:
         return
     if bool((values < 0).any()):

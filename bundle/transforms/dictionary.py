@@ -60,7 +60,9 @@ class LoadWSIPatchd(MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.loader = LoadWSIPatch(fov_um, size, backend=backend, fill_value=fill_value, max_open_slides=max_open_slides)
+        self.loader = LoadWSIPatch(
+            fov_um, size, backend=backend, fill_value=fill_value, max_open_slides=max_open_slides
+        )
         self.location_key, self.mpp_key = location_key, mpp_key
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
@@ -68,7 +70,9 @@ class LoadWSIPatchd(MapTransform):
         for key in self.key_iterator(d):
             for needed in (self.location_key, self.mpp_key):
                 if needed not in d:
-                    raise KeyError(f"LoadWSIPatchd needs key {needed!r} next to {key!r}; the entry has {sorted(map(str, d))}.")
+                    raise KeyError(
+                        f"LoadWSIPatchd needs key {needed!r} next to {key!r}; the entry has {sorted(map(str, d))}."
+                    )
             d[key] = self.loader(d[key], d[self.location_key], d[self.mpp_key])
         return d
 
@@ -221,7 +225,12 @@ class RandHEStainJitterd(RandomizableTransform, MapTransform):
     """
 
     def __init__(
-        self, keys: KeysCollection, prob: float = 0.5, sigma: float = 0.05, bias: float = 0.05, allow_missing_keys: bool = False
+        self,
+        keys: KeysCollection,
+        prob: float = 0.5,
+        sigma: float = 0.05,
+        bias: float = 0.05,
+        allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob)

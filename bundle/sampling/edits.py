@@ -22,7 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["GeneEdit", "apply_edits", "builtin_gene_sets", "edit_direction", "parse_edit", "read_gene_sets", "resolve_edit"]
+__all__ = [
+    "GeneEdit",
+    "apply_edits",
+    "builtin_gene_sets",
+    "edit_direction",
+    "parse_edit",
+    "read_gene_sets",
+    "resolve_edit",
+]
 
 _EDIT = re.compile(r"^\s*(?P<target>[^*=\s]+)\s*(?P<op>[*=])\s*(?P<value>[-+0-9.eE]+)\s*$")
 
@@ -75,18 +83,22 @@ def read_gene_sets(path: str | os.PathLike) -> dict[str, list[str]]:
             if len(fields) >= 3 and fields[0]:
                 sets[fields[0]] = [g for g in fields[2:] if g]
         if not sets:
-            raise ValueError(f"{str(path)!r} holds no gene set: a GMT line is NAME<tab>DESCRIPTION<tab>GENE<tab>GENE...")
+            raise ValueError(
+                f"{str(path)!r} holds no gene set: a GMT line is NAME<tab>DESCRIPTION<tab>GENE<tab>GENE..."
+            )
         return sets
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({err}); write {{\"set name\": [\"GENE\", ...]}}.") from None
+        raise ValueError(f'{str(path)!r} is not valid JSON ({err}); write {{"set name": ["GENE", ...]}}.') from None
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
-        raise ValueError(f"{str(path)!r} must map set names to lists of genes, e.g. {{\"immune\": [\"CD3E\", \"PTPRC\"]}}.")
+        raise ValueError(f'{str(path)!r} must map set names to lists of genes, e.g. {{"immune": ["CD3E", "PTPRC"]}}.')
     return {str(k): [str(g) for g in v] for k, v in data.items()}
 
 
-def resolve_edit(edit: GeneEdit, genes: Sequence[str], gene_sets: Mapping[str, Sequence[str]] | None = None) -> list[int]:
+def resolve_edit(
+    edit: GeneEdit, genes: Sequence[str], gene_sets: Mapping[str, Sequence[str]] | None = None
+) -> list[int]:
     """Panel indices that ``edit`` changes; raises ``ValueError`` naming the target when none of it is in the panel."""
     index = {g: i for i, g in enumerate(genes)}
     sets = builtin_gene_sets() if gene_sets is None else dict(gene_sets)

@@ -315,8 +315,6 @@ def _not_fid_weights(path: Path) -> str:
     )
 
 
-
-
 def _read_fid_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     """Read the weights file (``weights_only=True``: tensors only, no code runs) and check it is a state dict."""
     try:

@@ -4,7 +4,7 @@ Real Visium slides cannot be downloaded everywhere the bundle must run, so this 
 study that exercises every reader of the bundle with real file formats:
 
 * a pyramidal, tiled, JPEG-compressed TIFF per slide at 0.25 um/px (40x), written by
-  :func:`bundle.wsi.write_pyramidal_tiff`;
+  :func:`bundle.io.tiff.write_pyramidal_tiff`;
 * a Space Ranger 2.x ``outs``-style folder per slide (``filtered_feature_bc_matrix.h5`` in the 10x HDF5 v3 layout,
   ``spatial/tissue_positions.csv``, ``scalefactors_json.json``, hires and lowres PNGs) that ``scanpy.read_visium``
   loads;
@@ -64,15 +64,7 @@ __all__ = [
     "write_spaceranger_outputs",
 ]
 
-COMPARTMENTS: tuple[str, ...] = (
-    "tumour",
-    "stroma",
-    "immune",
-    "adipose",
-    "necrosis",
-    "hypoxic_rim",
-    "normal_mucosa",
-)
+COMPARTMENTS: tuple[str, ...] = ("tumour", "stroma", "immune", "adipose", "necrosis", "hypoxic_rim", "normal_mucosa")
 """Tissue compartments of the simulated colorectal-cancer sections, in label order (label ``i`` = ``COMPARTMENTS[i]``,
 -1 = glass)."""
 
@@ -1294,7 +1286,7 @@ def make_demo_dataset(
 
         manifest.csv        sample_id,st_path,slide_path,mpp,split,patient (written last)
         README.md           what the data is, how it was made, licence
-        <sample_id>/slide.tif                 pyramidal JPEG TIFF at ``mpp`` (bundle.wsi.write_pyramidal_tiff)
+        <sample_id>/slide.tif                 pyramidal JPEG TIFF at ``mpp`` (bundle.io.tiff.write_pyramidal_tiff)
         <sample_id>/spaceranger/...           Space Ranger 2.x outs (see write_spaceranger_outputs)
         <sample_id>/ground_truth.csv          per spot: barcode, x, y, array_row, array_col, in_tissue,
                                               tissue_coverage, one fraction per compartment, dominant
@@ -1390,7 +1382,7 @@ def _default_workers() -> int:
 
 def _write_sample(output_dir: str, index: int, seed: int, size_um: tuple[float, float], mpp: float, split: str) -> dict:
     """Simulate slide ``index`` and write its folder; returns a summary for the manifest and README."""
-    from bundle.wsi import write_pyramidal_tiff
+    from bundle.io.tiff import write_pyramidal_tiff
 
     sample_id, patient = f"CRC_S{index + 1:02d}", f"P{index + 1:02d}"
     started = time.perf_counter()

@@ -3,7 +3,7 @@
 ``configs/inference.json`` wires these pieces into a MONAI ``SupervisedEvaluator``: :func:`read_spots` reads a Space
 Ranger folder, an ``.h5ad`` or a CSV and normalises it like the training data, :func:`spot_datalist` makes one
 dictionary per spot (condition with neighbours, seed), :class:`PipelineInferer` runs the
-:class:`~bundle.sampling.ExpressionToTissuePipeline` of :func:`load_pipeline` with one seeded generator per spot, and
+:class:`~bundle.sampling.pipeline.ExpressionToTissuePipeline` of :func:`load_pipeline` with one seeded generator per spot, and
 :class:`PatchWriter` writes the PNGs and ``manifest.csv`` into a staging folder that becomes the output folder only
 when everything is written.
 """
@@ -19,7 +19,6 @@ import re
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,49 +27,11 @@ import torch
 from monai.inferers import Inferer
 from torch import nn
 
-from bundle.sampling import ExpressionToTissuePipeline, seeded_generators
+from bundle.io.spots import SpotExpression
+from bundle.sampling.pipeline import ExpressionToTissuePipeline, seeded_generators
 from bundle.utils import atomic_path
 
-__all__ = [
-    "read_model_info",
-    "load_pipeline",
-    "SpotExpression",
-    "read_spots",
-    "build_conditions",
-    "select_spots",
-    "spot_seeds",
-    "spot_datalist",
-    "load_gene_sets",
-    "default_input",
-    "select_scheduler",
-    "SpotPrepareBatch",
-    "PipelineInferer",
-    "PatchWriter",
-    "patch_filename",
-    "save_image_grid",
-    "to_uint8",
-]
-
 logger = logging.getLogger(__name__)
-
-
-def read_model_info(path: str | os.PathLike) -> dict[str, Any]:
-    """The entries of ``models/model.pt`` other than the weights (gene panel, normalisation, latent shape, ...).
-
-    The inference configs read the gene panel and the number of neighbours from here, so that the network they build
-    fits the checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"model checkpoint {str(path)!r} does not exist: train one first (python -m monai.bundle run training "
-            "--config_file configs/train.json) or pass --model_path <models/model.pt>."
-        )
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    for key in ("gene_panel", "scale_factor", "latent_shape"):
-        if key not in state:
-            raise ValueError(f"{str(path)!r} has no {key!r}: it is not a models/model.pt written by configs/train.json.")
-    return {k: v for k, v in state.items() if k != "network"}
 
 
 def load_pipeline(
@@ -100,7 +61,7 @@ def load_pipeline(
         batched_guidance: CFG as one batched forward (default) or two.
     """
     from bundle.autoencoder import load_autoencoder_checkpoint
-    from bundle.training import load_model
+    from bundle.checkpoints import load_model
 
     info = load_model(model_path, network, architecture=architecture)
     prediction = info.get("prediction_type")
@@ -131,327 +92,6 @@ def load_pipeline(
     )
     pipeline.info = info
     return pipeline
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# reading spots for generation
-# ----------------------------------------------------------------------------------------------------------------------
-
-# CSV columns that describe a spot rather than a gene
-CSV_ID_COLUMNS = ("spot_id", "barcode", "id", "spot")
-CSV_META_COLUMNS = ("sample", "array_row", "array_col", "x_um", "y_um", "total_counts", "in_tissue")
-NEIGHBOR_RADIUS_UM = 125.0  # spots closer than this are neighbours when only positions are known (100 um lattice)
-
-
-@dataclass
-class SpotExpression:
-    """Spots ready to condition the model: log-normalised expression of the model's gene panel, with their context.
-
-    Attributes:
-        ids: spot ids (barcodes), unique, in input order.
-        expression: ``(N, G)`` float32 ``log1p(normalize_total)`` values of the panel genes, in panel order.
-        neighbors: ``(N, 6)`` row indices of each spot's hex-lattice neighbours (``-1`` where there is none), or None
-            when the input has no spot positions.
-        positions_um: ``(N, 2)`` spot centres ``(x, y)`` in micrometres, or None when unknown.
-        sample: sample (capture area) name.
-        genes: the panel the columns of ``expression`` follow.
-        source: the file or folder the spots were read from.
-    """
-
-    ids: list[str]
-    expression: np.ndarray
-    neighbors: np.ndarray | None
-    positions_um: np.ndarray | None
-    sample: str
-    genes: list[str] = field(default_factory=list)
-    source: str = ""
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def _target_sum(normalization: Mapping[str, Any] | None) -> float:
-    """``target_sum`` of the checkpoint's normalisation record (``normalize_total+log1p`` is the only method)."""
-    if normalization is None:
-        logger.warning("the model records no normalisation; using normalize_total(target_sum=1e4) + log1p.")
-        return 1e4
-    method = normalization.get("method", "normalize_total+log1p")
-    if method != "normalize_total+log1p":
-        raise ValueError(
-            f"the model's expression was normalised with {method!r}, which generation cannot reproduce; only "
-            "'normalize_total+log1p' (what prepare_dataset writes) is supported."
-        )
-    return float(normalization.get("target_sum", 1e4))
-
-
-def _panel_columns(genes: Sequence[str], available: Sequence[str], what: str) -> list[int]:
-    """Column of each panel gene in ``available``; raises naming the panel genes that are missing."""
-    position = {}
-    for i, g in enumerate(available):
-        position.setdefault(str(g), i)
-    missing = [g for g in genes if g not in position]
-    if missing:
-        raise ValueError(
-            f"{what} lacks {len(missing)} of the model's {len(genes)} panel genes: {missing[:20]}"
-            f"{' ...' if len(missing) > 20 else ''}. The input must measure every gene of the panel (other genes are "
-            "ignored); check the gene symbols, or use a model trained on a panel that this data covers."
-        )
-    return [position[g] for g in genes]
-
-
-def _check_values(values: np.ndarray, what: str, normalized: bool) -> None:
-    """Raise unless ``values`` are finite, non-negative and (unless ``normalized``) whole numbers."""
-    if values.size == 0:
-        return
-    if not np.isfinite(values).all():
-        raise ValueError(f"{what} contains NaN or infinite values; fill missing measurements (e.g. with 0) first.")
-    if values.min() < 0:
-        raise ValueError(
-            f"{what} has negative values (min {values.min():.4g}): expected "
-            f"{'log1p(normalize_total) values (>= 0)' if normalized else 'raw counts'}; scaled or centred data cannot "
-            "be used."
-        )
-    if not normalized and not np.all(np.equal(np.mod(values, 1), 0)):
-        bad = values[np.mod(values, 1) != 0][:3]
-        raise ValueError(
-            f"{what} has non-integer values (e.g. {np.round(bad, 4).tolist()}), so it is not raw counts. Give raw "
-            "counts, or set normalized=True (--normalized True) if the values are already log1p(normalize_total) "
-            "with the model's target sum."
-        )
-
-
-def _unique_ids(ids: Sequence[Any], what: str) -> list[str]:
-    """``ids`` as strings; raises naming the ones that occur twice."""
-    ids = [str(i) for i in ids]
-    if len(set(ids)) != len(ids):
-        seen, dupes = set(), []
-        for i in ids:
-            if i in seen and i not in dupes:
-                dupes.append(i)
-            seen.add(i)
-        raise ValueError(f"{what} names some spots more than once ({dupes[:5]}); spot ids must be unique.")
-    return ids
-
-
-def _anndata_sample(adata: Any, path: Path) -> str:
-    """The sample name of an AnnData: its one Space Ranger library id, else the folder or file name."""
-    spatial = adata.uns.get("spatial")
-    libraries = list(spatial) if isinstance(spatial, Mapping) else []
-    if len(libraries) == 1:
-        return str(libraries[0])
-    if path.is_dir():
-        return path.parent.name if path.name in ("outs", "spaceranger") else path.name
-    return path.stem
-
-
-def _neighbors_from_positions(positions_um: np.ndarray | None) -> np.ndarray | None:
-    """Up to 6 spots within :data:`NEIGHBOR_RADIUS_UM` of each spot, as prepare_dataset finds them without a lattice."""
-    from bundle.data import _radius_neighbors
-
-    return None if positions_um is None else _radius_neighbors(positions_um, radius=NEIGHBOR_RADIUS_UM)
-
-
-def _read_anndata_spots(
-    adata: Any, genes: list[str], target_sum: float, layer: str | None, normalized: bool, mpp: float | None, what: str
-) -> tuple[list[str], np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Ids, expression, neighbours and positions of an AnnData from Space Ranger or an h5ad file."""
-    from scipy import sparse
-
-    from bundle.data import _spot_diameter_px, _log_normalize, get_counts, hex_neighbors
-
-    if "in_tissue" in adata.obs and (np.asarray(adata.obs["in_tissue"]) == 0).any():
-        keep = np.asarray(adata.obs["in_tissue"]) != 0
-        logger.info(f"{what}: using the {int(keep.sum())} of {adata.n_obs} spots in tissue (obs['in_tissue']).")
-        adata = adata[keep].copy()
-    if adata.n_obs == 0:
-        raise ValueError(f"{what} holds no spot.")
-    ids = _unique_ids(adata.obs_names, what)
-    if normalized:
-        if layer is not None and layer not in adata.layers:
-            raise ValueError(f"{what}: layer {layer!r} not found; available layers: {list(adata.layers)}.")
-        matrix = adata.layers[layer] if layer is not None else adata.X
-        columns = _panel_columns(genes, list(adata.var_names), what)
-        values = sparse.csr_matrix(matrix)[:, columns].toarray().astype(np.float32)
-        _check_values(values, what, normalized=True)
-        expression = values
-    else:
-        counts, all_genes = get_counts(adata, layer, name=what)
-        columns = _panel_columns(genes, all_genes, what)
-        library = np.asarray(counts.sum(axis=1)).ravel()
-        expression = _log_normalize(counts[:, columns], library, target_sum)
-    if mpp is None:
-        diameter_px = _spot_diameter_px(adata)
-        if diameter_px:
-            from bundle.data import VISIUM_SPOT_DIAMETER_UM
-
-            mpp = VISIUM_SPOT_DIAMETER_UM / diameter_px
-    positions_um = None
-    if "spatial" in adata.obsm and mpp is not None:
-        positions_um = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2] * float(mpp)
-    if "array_row" in adata.obs and "array_col" in adata.obs:
-        neighbors = hex_neighbors(np.asarray(adata.obs["array_row"]), np.asarray(adata.obs["array_col"]))
-    else:
-        neighbors = _neighbors_from_positions(positions_um)
-    return ids, expression, neighbors, positions_um
-
-
-def _read_csv_spots(
-    path: Path, genes: list[str], target_sum: float, normalized: bool, what: str
-) -> tuple[list[str], np.ndarray, np.ndarray | None, np.ndarray | None, str | None]:
-    """Ids, expression, neighbours, positions and sample of a CSV/TSV with one spot a row and one gene a column."""
-    import pandas as pd
-
-    from bundle.data import _log_normalize, hex_neighbors
-
-    sep = "\t" if path.suffix.lower() in (".tsv", ".txt") or path.name.lower().endswith(".tsv.gz") else ","
-    table = pd.read_csv(path, sep=sep)
-    if table.empty:
-        raise ValueError(f"{what} holds no spot (rows = spots, columns = genes).")
-    columns = [str(c) for c in table.columns]
-    table.columns = columns
-    id_column = next((c for c in CSV_ID_COLUMNS if c in columns), None)
-    first = columns[0]
-    if id_column is None and (first.startswith("Unnamed") or not first or table[first].dtype == object):
-        id_column = first  # the index column pandas writes (to_csv) or another leading name column
-    if id_column is None:
-        logger.info(f"{what} has no spot id column ({'/'.join(CSV_ID_COLUMNS)}): spots are named by their row number.")
-        ids = [str(i) for i in range(len(table))]
-    else:
-        ids = _unique_ids(table[id_column].tolist(), what)
-    meta = {c: table[c] for c in CSV_META_COLUMNS if c in columns}
-    if "in_tissue" in meta and (meta["in_tissue"].to_numpy() == 0).any():
-        keep = meta["in_tissue"].to_numpy() != 0
-        logger.info(f"{what}: using the {int(keep.sum())} of {len(table)} spots with in_tissue != 0.")
-        table = table[keep].reset_index(drop=True)
-        ids = [i for i, k in zip(ids, keep) if k]
-        meta = {c: table[c] for c in meta}
-    gene_columns = [c for c in columns if c != id_column and c not in CSV_META_COLUMNS]
-    non_numeric = [c for c in gene_columns if not pd.api.types.is_numeric_dtype(table[c])]
-    if non_numeric:
-        raise ValueError(
-            f"{what} has non-numeric columns {non_numeric[:10]}: apart from the spot id column "
-            f"({'/'.join(CSV_ID_COLUMNS)} or the first column) and {', '.join(CSV_META_COLUMNS)}, every column must be "
-            "a gene holding numbers."
-        )
-    panel = _panel_columns(genes, gene_columns, what)
-    values = table[gene_columns].to_numpy(dtype=np.float64)
-    _check_values(values, what, normalized)
-    if normalized:
-        expression = values[:, panel].astype(np.float32)
-    else:
-        if "total_counts" in meta:
-            library = meta["total_counts"].to_numpy(dtype=np.float64)
-        else:
-            library = values.sum(axis=1)
-            if set(gene_columns) <= set(genes):
-                logger.warning(
-                    f"{what} holds only panel genes and no total_counts column: the library size is their sum, but "
-                    "the model was trained with the total over all measured genes. Add a total_counts column (or all "
-                    "genes)."
-                )
-        expression = _log_normalize(values[:, panel], library, target_sum)
-    positions_um = None
-    if "x_um" in meta and "y_um" in meta:
-        positions_um = np.stack([meta["x_um"].to_numpy(np.float64), meta["y_um"].to_numpy(np.float64)], axis=1)
-    if "array_row" in meta and "array_col" in meta:
-        neighbors = hex_neighbors(meta["array_row"].to_numpy(), meta["array_col"].to_numpy())
-    else:
-        neighbors = _neighbors_from_positions(positions_um)
-    samples = meta["sample"].astype(str).unique().tolist() if "sample" in meta else []
-    if len(samples) > 1:
-        raise ValueError(f"{what} mixes the samples {samples[:5]}; give one sample (capture area) per file.")
-    return ids, expression, neighbors, positions_um, (samples[0] if samples else None)
-
-
-def read_spots(
-    path: str | os.PathLike,
-    genes: Sequence[str],
-    normalization: Mapping[str, Any] | None = None,
-    layer: str | None = None,
-    normalized: bool = False,
-    mpp: float | None = None,
-    sample: str | None = None,
-) -> SpotExpression:
-    """Read spots' expression and normalise it the way the model's training data was normalised.
-
-    Inputs:
-
-    - a Space Ranger ``outs/`` folder (``filtered_feature_bc_matrix.h5`` + ``spatial/``): raw counts; neighbours
-      from ``array_row``/``array_col``; positions from the full-resolution pixel coordinates;
-    - an ``.h5ad`` file: raw counts in ``layer``, else ``adata.raw``, else ``X``; neighbours from
-      ``obs["array_row"/"array_col"]`` when present, else from positions; positions from ``obsm["spatial"]``;
-    - a CSV (``.csv``, or tab-separated ``.tsv``/``.txt``): one spot a row, one gene a column, raw counts; the spot id
-      in a column ``spot_id``/``barcode``/``id``/``spot`` or the first column (as ``DataFrame.to_csv`` writes the
-      index); optional columns ``sample``, ``array_row``/``array_col`` (hex neighbours), ``x_um``/``y_um``
-      (positions), ``total_counts`` (library size; otherwise the sum of the gene columns, so give all measured
-      genes) and ``in_tissue``.
-
-    Raw counts are normalised as in ``prepare_dataset``: library size = the spot's total counts over all measured
-    genes, ``normalize_total(target_sum)`` then ``log1p``, then the panel genes are taken in panel order. Spots with
-    ``in_tissue == 0`` are skipped. Genes outside the panel are ignored; a missing panel gene is refused.
-
-    Args:
-        path: Space Ranger folder, ``.h5ad`` or CSV.
-        genes: the model's gene panel (``read_model_info(...)["gene_panel"]``).
-        normalization: the checkpoint's normalisation record (``{"method": "normalize_total+log1p", "target_sum":
-            ...}``).
-        layer: AnnData layer to read (None: ``adata.raw`` when present, else ``X``; with ``normalized``, ``X``).
-        normalized: the values are already ``log1p(normalize_total)`` with the model's target sum (used as they are).
-        mpp: micrometres per full-resolution pixel of ``obsm["spatial"]``; None derives it from the 55 um Visium
-            spot diameter in the scale factors (``spot_diameter_fullres``) when they are there.
-        sample: sample name (defaults to the Space Ranger library id, the CSV's ``sample`` column or the file name).
-
-    Returns:
-        A :class:`SpotExpression`.
-    """
-    path = Path(path)
-    genes = [str(g) for g in genes]
-    if isinstance(normalized, str):  # a command-line value such as "false"
-        normalized = normalized.strip().lower() in ("1", "true", "yes", "on")
-    if not genes:
-        raise ValueError("the gene panel is empty; read it from the model checkpoint (read_model_info).")
-    target_sum = _target_sum(normalization)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"input {str(path)!r} does not exist: give a Space Ranger outs/ folder, an .h5ad file or a CSV of spots x "
-            "genes."
-        )
-    if path.is_dir() or path.suffix.lower() == ".h5ad":
-        if path.is_dir():
-            from bundle.data import read_spaceranger
-
-            what = f"Space Ranger folder {str(path)!r}"
-            adata = read_spaceranger(path)
-        else:
-            import anndata
-
-            what = f"h5ad file {str(path)!r}"
-            adata = anndata.read_h5ad(path)
-            adata.var_names_make_unique()
-        ids, expression, neighbors, positions_um = _read_anndata_spots(
-            adata, genes, target_sum, layer, normalized, mpp, what
-        )
-        default_sample = _anndata_sample(adata, path)
-    elif path.suffix.lower() in (".csv", ".tsv", ".txt", ".gz"):
-        what = f"CSV file {str(path)!r}"
-        ids, expression, neighbors, positions_um, csv_sample = _read_csv_spots(
-            path, genes, target_sum, normalized, what
-        )
-        default_sample = csv_sample or path.name.split(".")[0]
-    else:
-        raise ValueError(
-            f"cannot read {str(path)!r}: give a Space Ranger outs/ folder, an .h5ad file or a .csv/.tsv of spots x "
-            "genes."
-        )
-    return SpotExpression(
-        ids=ids,
-        expression=np.ascontiguousarray(expression, dtype=np.float32),
-        neighbors=None if neighbors is None else np.asarray(neighbors, dtype=np.int64),
-        positions_um=positions_um,
-        sample=str(sample or default_sample),
-        genes=genes,
-        source=str(path),
-    )
 
 
 def build_conditions(spots: SpotExpression, num_neighbors: int, indices: Sequence[int] | None = None) -> torch.Tensor:
@@ -524,7 +164,7 @@ def spot_seeds(seed: int, indices: Sequence[int]) -> list[int]:
 
 def load_gene_sets(path: str | os.PathLike | None = None) -> dict[str, list[str]]:
     """The built-in gene sets, plus (overriding them) those of a JSON or GMT file when ``path`` is given."""
-    from bundle.edits import builtin_gene_sets, read_gene_sets
+    from bundle.sampling.edits import builtin_gene_sets, read_gene_sets
 
     sets = builtin_gene_sets()
     if path:
@@ -562,7 +202,7 @@ def spot_datalist(
         edits: counterfactual edits (``"immune*4"``, ``"CD3E=2"``; :mod:`bundle.edits`) applied to every spot.
         gene_sets: named gene sets the edits may use (default: the built-in ones).
     """
-    from bundle.edits import apply_edits, parse_edit, resolve_edit
+    from bundle.sampling.edits import apply_edits, parse_edit, resolve_edit
 
     rows = select_spots(spots, spot_ids, num_spots)
     conditions = build_conditions(spots, num_neighbors, rows)
@@ -598,7 +238,7 @@ def spot_datalist(
 
 def default_input(demo_dir: str | os.PathLike, fov_um: float = 128.0) -> str:
     """The demo study's validation sample (its Space Ranger folder), generating the demo study on first use."""
-    from bundle.data import read_manifest
+    from bundle.io.dataset import read_manifest
     from bundle.training import ensure_demo_dataset
 
     ensure_demo_dataset(demo_dir, fov_um=fov_um)
@@ -614,11 +254,6 @@ def select_scheduler(name: str, **schedulers: Any) -> Any:
     if key not in schedulers:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(schedulers)} (--scheduler).")
     return schedulers[key]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# the generation engine: inferer, batch preparation and the PNG/manifest writer
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 class SpotPrepareBatch:

@@ -25,7 +25,6 @@ import datetime
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,30 +32,14 @@ from typing import Any
 
 import numpy as np
 
-from bundle.readers import read_slide_info
-from bundle.utils import read_json, replace_dir, write_json_atomic
-
-__all__ = [
-    "SPLIT_KEYS",
-    "ManifestRow",
-    "read_manifest",
-    "read_spaceranger",
-    "read_h5ad",
-    "read_hest_metadata",
-    "read_st",
-    "get_counts",
-    "hex_neighbors",
-    "load_gene_panel",
-    "check_gene_panel",
-    "select_gene_panel",
-    "prepare_dataset",
-]
+from bundle.geometry import VISIUM_SPOT_DIAMETER_UM, hex_neighbors, radius_neighbors
+from bundle.io.gene_panel import select_gene_panel
+from bundle.io.slides import read_slide_info
+from bundle.io.spots import get_counts, log_normalize, read_hest_metadata, read_st, spot_diameter_px, spot_table
+from bundle.utils import replace_dir, write_json_atomic
 
 # manifest split name -> datalist key (MONAI decathlon layout)
 SPLIT_KEYS = {"train": "training", "val": "validation", "test": "test"}
-# Visium hexagonal lattice: the six neighbours of (row, col) in array coordinates
-HEX_OFFSETS = ((0, -2), (0, 2), (-1, -1), (-1, 1), (1, -1), (1, 1))
-VISIUM_SPOT_DIAMETER_UM = 55.0
 
 
 @dataclass
@@ -159,254 +142,6 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
     return rows
 
 
-def read_spaceranger(path: str | os.PathLike, count_file: str = "filtered_feature_bc_matrix.h5"):
-    """Read a Space Ranger output folder with ``scanpy.read_visium``.
-
-    Returns an AnnData with raw counts in ``X``, ``obsm["spatial"]`` = ``(x, y)`` full-resolution pixels,
-    ``obs["in_tissue"/"array_row"/"array_col"]`` and unique gene symbols as ``var_names``.
-
-    Raises:
-        FileNotFoundError: the folder, the count matrix or ``spatial/`` files are missing.
-        ValueError: the HDF5 lacks the ``library_ids`` attribute that scanpy needs.
-    """
-    import scanpy as sc
-
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"Space Ranger folder {str(path)!r} does not exist.")
-    h5 = path / count_file
-    if not h5.is_file():
-        raise FileNotFoundError(f"{str(path)!r} has no {count_file}; point st_path at Space Ranger's `outs/` folder.")
-    positions = [path / "spatial" / n for n in ("tissue_positions.csv", "tissue_positions_list.csv")]
-    if not any(p.is_file() for p in positions):
-        raise FileNotFoundError(
-            f"{str(path)!r} has no spatial/tissue_positions.csv (Space Ranger >= 2.0) or "
-            "spatial/tissue_positions_list.csv (1.x): the spot coordinates are needed."
-        )
-    import h5py
-
-    with h5py.File(h5, "r") as f:
-        has_library_ids = "library_ids" in f.attrs
-    if not has_library_ids:
-        raise ValueError(
-            f"{str(h5)!r} has no `library_ids` attribute, which scanpy.read_visium needs to name the capture area. "
-            "Space Ranger writes it; for a file from another tool add it, e.g. "
-            "`h5py.File(path, 'a').attrs['library_ids'] = [b'<sample id>']`, or convert the sample to .h5ad "
-            "with obsm['spatial'] and use that."
-        )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        adata = sc.read_visium(path, count_file=count_file)
-    adata.var_names_make_unique()
-    return adata
-
-
-def read_h5ad(path: str | os.PathLike):
-    """Read an ``.h5ad`` file whose ``obsm["spatial"]`` holds ``(x, y)`` level-0 pixel spot centres."""
-    import anndata
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"h5ad file {str(path)!r} does not exist.")
-    adata = anndata.read_h5ad(path)
-    if "spatial" not in adata.obsm:
-        raise ValueError(
-            f"{str(path)!r} has no obsm['spatial'] (spot centres as (x, y) level-0 pixels); add it before preparing."
-        )
-    adata.var_names_make_unique()
-    return adata
-
-
-def read_hest_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a HEST sample's metadata JSON and return it with ``"mpp"`` set from its pixel size.
-
-    HEST records ``pixel_size_um_embedded`` (from the slide file, may be null) and ``pixel_size_um_estimated``
-    (from the spot lattice); the embedded one is preferred.
-    """
-    meta = read_json(path)
-    for key in ("pixel_size_um_embedded", "pixel_size_um_estimated"):
-        value = meta.get(key)
-        if value is not None and not (isinstance(value, float) and np.isnan(value)) and float(value) > 0:
-            meta["mpp"], meta["mpp_key"] = float(value), key
-            break
-    else:
-        meta["mpp"], meta["mpp_key"] = None, None
-    return meta
-
-
-def read_st(path: str | os.PathLike):
-    """Read spatial transcriptomics from a Space Ranger folder or an ``.h5ad`` file (HEST samples are h5ad)."""
-    path = Path(path)
-    if path.is_dir():
-        return read_spaceranger(path)
-    if path.suffix == ".h5ad":
-        return read_h5ad(path)
-    raise ValueError(f"Cannot read {str(path)!r}: st_path must be a Space Ranger folder or an .h5ad file.")
-
-
-def get_counts(adata, layer: str | None = None, name: str = "sample"):
-    """Return ``(counts, gene_names)``: a CSR matrix of raw counts and the matching gene names.
-
-    Looks in ``layer`` when given, else ``adata.raw`` when present, else ``X``, and checks that the values are counts.
-
-    Raises:
-        ValueError: the values are negative or not whole numbers (log-normalised or scaled data), naming ``name``.
-    """
-    from scipy import sparse
-
-    if layer is not None:
-        if layer not in adata.layers:
-            raise ValueError(f"{name}: layer {layer!r} not found; available layers: {list(adata.layers)}.")
-        matrix, genes, source = adata.layers[layer], list(adata.var_names), f"layer {layer!r}"
-    elif adata.raw is not None:
-        matrix, genes, source = adata.raw.X, list(adata.raw.var_names), "adata.raw"
-    else:
-        matrix, genes, source = adata.X, list(adata.var_names), "X"
-    matrix = sparse.csr_matrix(matrix)
-    values = matrix.data
-    if values.size and values.min() < 0:
-        raise ValueError(
-            f"{name}: {source} has negative values (min {values.min():.4g}), so it is not raw counts (scaled data?). "
-            "Provide raw counts: the Space Ranger matrix, adata.raw, or a counts layer (manifest column `layer`)."
-        )
-    if values.size and not np.all(np.equal(np.mod(values, 1), 0)):
-        bad = values[np.mod(values, 1) != 0][:3]
-        raise ValueError(
-            f"{name}: {source} has non-integer values (e.g. {np.round(bad, 4).tolist()}), so it is not raw counts "
-            "(it looks log-normalised). Provide raw counts: the Space Ranger matrix, adata.raw, or a counts layer "
-            "(manifest column `layer`)."
-        )
-    return matrix, genes
-
-
-def hex_neighbors(array_row: np.ndarray, array_col: np.ndarray) -> np.ndarray:
-    """Indices of each spot's six Visium hex-lattice neighbours, ``(N, 6)``, ``-1`` where there is none.
-
-    Neighbours of ``(r, c)`` are ``(r, c +- 2)`` and ``(r +- 1, c +- 1)`` in Visium array coordinates.
-    """
-    index = {(int(r), int(c)): i for i, (r, c) in enumerate(zip(array_row, array_col))}
-    out = np.full((len(index), len(HEX_OFFSETS)), -1, dtype=np.int64)
-    for i, (r, c) in enumerate(zip(array_row, array_col)):
-        for k, (dr, dc) in enumerate(HEX_OFFSETS):
-            out[i, k] = index.get((int(r) + dr, int(c) + dc), -1)
-    return out
-
-
-def _radius_neighbors(xy: np.ndarray, radius: float, k: int = 6) -> np.ndarray:
-    """Up to ``k`` nearest spots within ``radius`` pixels, for data without array coordinates."""
-    from scipy.spatial import cKDTree
-
-    out = np.full((len(xy), k), -1, dtype=np.int64)
-    if len(xy) < 2:
-        return out
-    dist, idx = cKDTree(xy).query(xy, k=min(k + 1, len(xy)))
-    for i in range(len(xy)):
-        found = [j for d, j in zip(dist[i, 1:], idx[i, 1:]) if d <= radius]
-        out[i, : len(found)] = found
-    return out
-
-
-def load_gene_panel(path: str | os.PathLike) -> list[str]:
-    """Read the gene list of a ``gene_panel.json`` (``{"genes": [...]}``) or of a text file with one gene a line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Gene panel {str(path)!r} does not exist.")
-    if path.suffix == ".json":
-        data = read_json(path)
-        genes = data.get("genes") if isinstance(data, dict) else data
-        if not isinstance(genes, list) or not all(isinstance(g, str) for g in genes):
-            raise ValueError(f"{str(path)!r} must hold {{\"genes\": [\"GENE1\", ...]}}.")
-    else:
-        genes = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    if not genes:
-        raise ValueError(f"Gene panel {str(path)!r} is empty.")
-    if len(set(genes)) != len(genes):
-        raise ValueError(f"Gene panel {str(path)!r} names some genes twice.")
-    return genes
-
-
-def check_gene_panel(expected: Sequence[str], actual: Sequence[str], what: str = "data") -> None:
-    """Raise ``ValueError`` unless ``actual`` is exactly ``expected`` (same genes, same order), naming differences.
-
-    Args:
-        expected: the panel a model was trained with.
-        actual: the panel of the data offered to it.
-        what: name of the data, for the message.
-    """
-    expected, actual = list(expected), list(actual)
-    if expected == actual:
-        return
-    missing = [g for g in expected if g not in set(actual)]
-    extra = [g for g in actual if g not in set(expected)]
-    if not missing and not extra:
-        raise ValueError(f"{what} has the panel's genes in a different order; reorder them with SelectGenesd.")
-    raise ValueError(
-        f"{what} does not match the gene panel ({len(expected)} genes): missing {missing[:20]}"
-        f"{' ...' if len(missing) > 20 else ''}, unexpected {extra[:20]}{' ...' if len(extra) > 20 else ''}. "
-        "Use data with the panel's genes (SelectGenesd), or train with this panel."
-    )
-
-
-def _log_normalize(counts, library_size: np.ndarray, target_sum: float) -> np.ndarray:
-    from scipy import sparse
-
-    scaled = sparse.diags(target_sum / np.maximum(library_size, 1.0)) @ sparse.csr_matrix(counts, dtype=np.float64)
-    return np.log1p(scaled.toarray()).astype(np.float32)
-
-
-def select_gene_panel(
-    counts: Sequence[Any], library_sizes: Sequence[np.ndarray], genes: Sequence[str], n_top_genes: int, target_sum: float
-) -> list[str]:
-    """Top-``n_top_genes`` highly variable genes (scanpy, Seurat flavour) of log-normalised training spots.
-
-    Args:
-        counts: per-sample CSR count matrices over ``genes`` (training samples only).
-        library_sizes: per-sample total counts of each spot over all genes.
-        genes: gene names of the matrices' columns.
-        n_top_genes: panel size.
-        target_sum: normalisation total (as for training).
-    """
-    import anndata
-    import scanpy as sc
-    from scipy import sparse
-
-    if n_top_genes < 1:
-        raise ValueError(f"n_top_genes must be >= 1, got {n_top_genes}.")
-    if n_top_genes >= len(genes):
-        return list(genes)
-    x = sparse.vstack([sparse.csr_matrix(_log_normalize(c, s, target_sum)) for c, s in zip(counts, library_sizes)])
-    adata = anndata.AnnData(X=x.tocsr())
-    adata.var_names = list(genes)
-    sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes, flavor="seurat")
-    ranked = adata.var.sort_values("dispersions_norm", ascending=False)
-    chosen = set(ranked.index[ranked["highly_variable"]][:n_top_genes])
-    return [g for g in genes if g in chosen]
-
-
-def _spot_table(adata) -> dict[str, np.ndarray]:
-    obs = adata.obs
-    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
-    n = adata.n_obs
-    table = {
-        "barcode": np.asarray(adata.obs_names, dtype=str),
-        "x": xy[:, 0],
-        "y": xy[:, 1],
-        "in_tissue": np.asarray(obs["in_tissue"], dtype=int) if "in_tissue" in obs else np.ones(n, dtype=int),
-    }
-    if "array_row" in obs and "array_col" in obs:
-        table["array_row"] = np.asarray(obs["array_row"], dtype=int)
-        table["array_col"] = np.asarray(obs["array_col"], dtype=int)
-    return table
-
-
-def _spot_diameter_px(adata) -> float | None:
-    for library in (adata.uns.get("spatial") or {}).values():
-        value = (library.get("scalefactors") or {}).get("spot_diameter_fullres")
-        if value:
-            return float(value)
-    return None
-
-
 def _check_geometry(sample: str, table: dict, slide, diameter_px: float | None, spot_spacing_um: float | None) -> None:
     """Raise when the spots do not fit the slide or the lattice spacing does not fit the pixel size."""
     height, width = slide.size
@@ -485,7 +220,9 @@ def prepare_dataset(
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"Dataset folder {str(output_dir)!r} exists and is not empty; pass overwrite=True to replace it.")
+        raise FileExistsError(
+            f"Dataset folder {str(output_dir)!r} exists and is not empty; pass overwrite=True to replace it."
+        )
     if fov_um <= 0:
         raise ValueError(f"fov_um must be positive micrometres, got {fov_um}.")
     rows = read_manifest(manifest)
@@ -501,8 +238,8 @@ def prepare_dataset(
         slide = read_slide_info(row.slide_path, backend=backend, mpp=mpp)
         if slide.mpp_source == "explicit":
             slide.mpp_source = mpp_source
-        table = _spot_table(adata)
-        _check_geometry(row.sample_id, table, slide, _spot_diameter_px(adata), spot_spacing_um)
+        table = spot_table(adata)
+        _check_geometry(row.sample_id, table, slide, spot_diameter_px(adata), spot_spacing_um)
         samples.append((row, counts, sample_genes, slide, table))
 
     # genes measured in every sample, in the first sample's order
@@ -533,7 +270,10 @@ def prepare_dataset(
         low = (reason == "") & (library < min_counts)
         reason[low] = "too_few_counts"
         leaves = (reason == "") & (
-            (table["x"] - half < 0) | (table["y"] - half < 0) | (table["x"] + half > width) | (table["y"] + half > height)
+            (table["x"] - half < 0)
+            | (table["y"] - half < 0)
+            | (table["x"] + half > width)
+            | (table["y"] + half > height)
         )
         reason[leaves] = "patch_leaves_slide"
         kept = reason == ""
@@ -580,13 +320,13 @@ def prepare_dataset(
         pos = {g: j for j, g in enumerate(sample_genes)}
         panel_counts = counts[kept][:, [pos[g] for g in genes]]
         count_parts.append(panel_counts.toarray().astype(np.int32))
-        expression_parts.append(_log_normalize(panel_counts, library[kept], target_sum))
+        expression_parts.append(log_normalize(panel_counts, library[kept], target_sum))
         kept_idx = np.flatnonzero(kept)
         if "array_row" in table:
             neighbors = hex_neighbors(table["array_row"][kept], table["array_col"][kept])
         else:
             xy = np.stack([table["x"][kept], table["y"][kept]], axis=1)
-            neighbors = _radius_neighbors(xy, radius=1.25 * (spot_spacing_um or 100.0) / slide.mpp)
+            neighbors = radius_neighbors(xy, radius=1.25 * (spot_spacing_um or 100.0) / slide.mpp)
         neighbors = np.where(neighbors >= 0, neighbors + offset, -1)
         for local, i in enumerate(kept_idx):
             datalist[SPLIT_KEYS[row.split]].append(
@@ -605,8 +345,14 @@ def prepare_dataset(
             )
         for i in range(len(library)):
             spot_rows.append(
-                [row.sample_id, table["barcode"][i], f"{table['x'][i]:.2f}", f"{table['y'][i]:.2f}", int(library[i]),
-                 reason[i] or "kept"]
+                [
+                    row.sample_id,
+                    table["barcode"][i],
+                    f"{table['x'][i]:.2f}",
+                    f"{table['y'][i]:.2f}",
+                    int(library[i]),
+                    reason[i] or "kept",
+                ]
             )
         offset += len(kept_idx)
 
@@ -659,7 +405,10 @@ def prepare_dataset(
 
 def format_qc_summary(summary: dict[str, Any]) -> str:
     """The QC summary as a plain-text table: spots kept and dropped per sample, and why."""
-    head = f"{'sample':<16}{'split':<7}{'spots':>7}{'kept':>7}{'not_in_tissue':>15}{'too_few_counts':>16}{'patch_leaves_slide':>20}{'mpp':>8}"
+    head = (
+        f"{'sample':<16}{'split':<7}{'spots':>7}{'kept':>7}{'not_in_tissue':>15}{'too_few_counts':>16}"
+        f"{'patch_leaves_slide':>20}{'mpp':>8}"
+    )
     lines = [head, "-" * len(head)]
     for sid, s in summary["samples"].items():
         lines.append(

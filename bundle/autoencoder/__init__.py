@@ -413,8 +413,10 @@ class AutoencoderKLIteration:
             for batch, is_real in ((reconstruction.detach(), False), (images, True)):
                 with autocast():
                     logits = self._logits(batch)
-                    part = 0.5 * self.adv_weight * self.adversarial_loss(
-                        logits, target_is_real=is_real, for_discriminator=True
+                    part = (
+                        0.5
+                        * self.adv_weight
+                        * self.adversarial_loss(logits, target_is_real=is_real, for_discriminator=True)
                     )
                 self._backward(part, scaler)
                 d_loss = d_loss + part.detach()

@@ -24,7 +24,7 @@ of the first 20 principal components of the log-normalised expression, both fitt
 applied to the validation spots, so the same labels exist for training the classifier and for scoring.
 
 Every generator is a callable with the pipeline's signature, ``generator(condition, generator=[torch.Generator])
--> (B, 3, H, W)`` in [0, 1], so an :class:`bundle.sampling.ExpressionToTissuePipeline` and the oracle generators of
+-> (B, 3, H, W)`` in [0, 1], so an :class:`bundle.sampling.pipeline.ExpressionToTissuePipeline` and the oracle generators of
 the tests go through the same code. scikit-learn, scipy and mlflow are imported inside the functions that use them.
 """
 
@@ -135,7 +135,7 @@ def load_real_patches(
         backend: slide reader (None: the best available).
         output_size: downsample each patch to this size (area average) as it is read, to keep memory low.
     """
-    from bundle.readers import default_backend
+    from bundle.io.slides import default_backend
     from bundle.transforms import LoadWSIPatchd
 
     loader = LoadWSIPatchd(keys="image", fov_um=fov_um, size=size, backend=backend or default_backend())
@@ -262,7 +262,7 @@ def generate_patches(
 
     Args:
         generator: callable ``generator(condition, generator=[torch.Generator]) -> (B, 3, H, W)`` in [0, 1]
-            (an :class:`bundle.sampling.ExpressionToTissuePipeline` or any stand-in).
+            (an :class:`bundle.sampling.pipeline.ExpressionToTissuePipeline` or any stand-in).
         conditions: ``(N, ...)`` conditions.
         seeds: one seed per spot; a spot's patch depends on its own seed only.
         batch_size: spots per call.
@@ -271,7 +271,7 @@ def generate_patches(
     Returns:
         ``(N, 3, H, W)`` uint8.
     """
-    from bundle.sampling import seeded_generators
+    from bundle.sampling.pipeline import seeded_generators
 
     conditions = torch.as_tensor(np.asarray(conditions), dtype=torch.float32)
     if len(seeds) != len(conditions):
@@ -649,8 +649,8 @@ def train_encoder_probe(
 
 
 def _features(extractor: Any, images: np.ndarray | torch.Tensor, batch_size: int, chunk: int = 256) -> np.ndarray:
-    """Features of uint8 (or [0, 1] float) images through ``bundle.metrics.extract_features``, a chunk at a time."""
-    from bundle.metrics import extract_features
+    """Features of uint8 (or [0, 1] float) images through ``bundle.evaluation.metrics.extract_features``, a chunk at a time."""
+    from bundle.evaluation.metrics import extract_features
 
     x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
     parts = []
@@ -800,7 +800,7 @@ def usable_edits(edits: Sequence[str], genes: Sequence[str]) -> list[str]:
 
     A target that is neither a panel gene nor a known gene set is an error (a typo), not dropped.
     """
-    from bundle.edits import builtin_gene_sets, parse_edit, resolve_edit
+    from bundle.sampling.edits import builtin_gene_sets, parse_edit, resolve_edit
 
     sets = builtin_gene_sets()
     kept = []
@@ -838,7 +838,7 @@ def edit_directionality(
 
     For each spot and edit, the original and the edited condition are generated with the same seed; the probe
     predicts both, and the edit moved the tissue the right way when the mean predicted (standardised) expression of
-    the edited genes changes in the edit's direction (:func:`bundle.edits.edit_direction`; a ``set`` edit's direction
+    the edited genes changes in the edit's direction (:func:`bundle.sampling.edits.edit_direction`; a ``set`` edit's direction
     is taken against the spot's own mean of those genes). Spots where the edit leaves the condition unchanged (e.g.
     scaling genes with no counts) are skipped. The p-value is a one-sided sign test (``scipy.stats.binomtest``
     against 0.5).
@@ -857,7 +857,7 @@ def edit_directionality(
     """
     from scipy.stats import binomtest
 
-    from bundle.edits import apply_edits, edit_direction, parse_edit, resolve_edit
+    from bundle.sampling.edits import apply_edits, edit_direction, parse_edit, resolve_edit
 
     def run(name: str, cond: np.ndarray) -> np.ndarray:
         compute = lambda: generate_patches(generator, cond, seeds, batch_size, desc=f"edit {name}")  # noqa: E731
@@ -949,7 +949,7 @@ def load_realism_extractors(
         encoder_path: weights or TorchScript file(s) of pathology encoders.
         device: where features are computed.
     """
-    from bundle.metrics import load_feature_extractor
+    from bundle.evaluation.metrics import load_feature_extractor
 
     require_inception = as_bool(require_inception, "require_inception")
     out = RealismExtractors()
@@ -1002,8 +1002,8 @@ def realism(
         extractors: from :func:`load_realism_extractors`.
         cache_dir: folder of the reference-feature cache (None: no cache).
         reference: ``{"dataset": folder, "spot_ids": [...], **extra}`` identifying the real patches; with
-            ``cache_dir``, their features are cached with ``bundle.metrics.cached_features`` under
-            ``bundle.metrics.feature_cache_key`` (dataset, spots, extractor weights, image size, extra).
+            ``cache_dir``, their features are cached with ``bundle.evaluation.metrics.cached_features`` under
+            ``bundle.evaluation.metrics.feature_cache_key`` (dataset, spots, extractor weights, image size, extra).
         batch_size: feature-extraction batch size.
         kid_subset_size: KID subset size (capped at the smaller set).
         kid_subsets: KID subsets.
@@ -1014,9 +1014,9 @@ def realism(
 
     Returns:
         ``{"inception": {...} | {"skipped": why}, "encoders": {name: {...}}}`` where each ``{...}`` is
-        ``bundle.metrics.realism_metrics``' output plus ``seconds``.
+        ``bundle.evaluation.metrics.realism_metrics``' output plus ``seconds``.
     """
-    from bundle.metrics import cached_features, feature_cache_key, realism_metrics
+    from bundle.evaluation.metrics import cached_features, feature_cache_key, realism_metrics
 
     groups = [str(g) for g in groups]
 
@@ -1510,7 +1510,7 @@ def evaluate(
 
     Args:
         generator: ``generator(condition, generator=[torch.Generator]) -> (B, 3, H, W)`` in [0, 1]; usually
-            ``bundle.inference.load_pipeline(...)``.
+            ``bundle.sampling.generation.load_pipeline(...)``.
         dataset_dir: prepared dataset folder (``datalist.json``, ``expression.npy``, ``gene_panel.json``).
         output_dir: folder for ``metrics.json``, ``report.html``, ``generated/`` and ``feature_cache/``.
         patch_fov_um: field of view of the model's patches (µm).
@@ -1575,7 +1575,7 @@ def evaluate(
 
     output_dir = Path(output_dir)
     dataset_dir = Path(dataset_dir)
-    from bundle.data import check_gene_panel, load_gene_panel
+    from bundle.io.gene_panel import check_gene_panel, load_gene_panel
 
     panel = load_gene_panel(dataset_dir / "gene_panel.json")
     if genes is not None:

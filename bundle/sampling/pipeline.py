@@ -60,7 +60,9 @@ class ExpressionToTissuePipeline:
         batched_guidance: bool = True,
     ) -> None:
         if scale_factor <= 0:
-            raise ValueError(f"scale_factor must be positive (read it from the autoencoder checkpoint), got {scale_factor}.")
+            raise ValueError(
+                f"scale_factor must be positive (read it from the autoencoder checkpoint), got {scale_factor}."
+            )
         if len(latent_shape) != 3:
             raise ValueError(f"latent_shape must be (channels, height, width), got {tuple(latent_shape)}.")
         self.network, self.autoencoder, self.scheduler = network, autoencoder, scheduler
@@ -81,13 +83,19 @@ class ExpressionToTissuePipeline:
         return not isinstance(self.scheduler, DDIMScheduler) or self.eta > 0
 
     def check_inputs(
-        self, condition: torch.Tensor, num_inference_steps: int, guidance_scale: float | None, generator: Generators = None
+        self,
+        condition: torch.Tensor,
+        num_inference_steps: int,
+        guidance_scale: float | None,
+        generator: Generators = None,
     ) -> None:
         """Raise ``ValueError`` with what to do when an input does not fit the model."""
         num_genes = getattr(self.network, "num_genes", None)
         num_neighbors = getattr(self.network, "num_neighbors", 0) or 0
         if condition.ndim not in (2, 3):
-            raise ValueError(f"condition must be (B, num_genes) or (B, 1 + num_neighbors, num_genes), got {tuple(condition.shape)}.")
+            raise ValueError(
+                f"condition must be (B, num_genes) or (B, 1 + num_neighbors, num_genes), got {tuple(condition.shape)}."
+            )
         if num_genes is not None and condition.shape[-1] != num_genes:
             raise ValueError(
                 f"condition has {condition.shape[-1]} genes but the model was trained on a {num_genes}-gene panel; "
@@ -137,7 +145,9 @@ class ExpressionToTissuePipeline:
             return self.network(latents, timesteps, condition)
         null = torch.full_like(condition, self.null_value)
         if self.batched_guidance:
-            out = self.network(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), torch.cat([null, condition]))
+            out = self.network(
+                torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), torch.cat([null, condition])
+            )
             uncond, cond = out.chunk(2)
         else:
             uncond = self.network(latents, timesteps, null)
@@ -152,7 +162,10 @@ class ExpressionToTissuePipeline:
         if generators is None:
             return self.scheduler.step(output, t, latents, **kwargs)[0]
         return torch.cat(
-            [self.scheduler.step(output[i : i + 1], t, latents[i : i + 1], generator=g, **kwargs)[0] for i, g in enumerate(generators)]
+            [
+                self.scheduler.step(output[i : i + 1], t, latents[i : i + 1], generator=g, **kwargs)[0]
+                for i, g in enumerate(generators)
+            ]
         )
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -20,352 +20,23 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = [
-    "SeamStatistics",
-    "downsample_by_two",
-    "estimate_spot_pitch",
-    "initial_canvas_noise",
-    "interpolate_expression",
-    "lattice_offsets",
-    "pyramid_level_shapes",
-    "seam_score",
-    "synthesize_slide",
-    "window_weights",
-    "write_pyramidal_tiff",
-    "write_pyramidal_tiff_streamed",
-]
+from bundle.geometry import estimate_spot_pitch, lattice_offsets
+from bundle.io.tiff import check_write_arguments, pyramid_level_shapes, write_pyramidal_tiff_streamed
+from bundle.utils import memmap_array
 
 logger = logging.getLogger(__name__)
 
-_COMPRESSIONS = ("jpeg", "deflate", "zlib", "lzw", "none")
-_WRITE_BUFFER_TILES = 32  # tiles that tifffile compresses per pass
-_DOWNSAMPLE_BLOCK = 2048  # reduced-level columns made per block (4096 columns of the level above)
 
-
-def downsample_by_two(image: np.ndarray) -> np.ndarray:
-    """Halve an image's height and width by averaging 2x2 blocks (area interpolation).
-
-    An odd last row or column is replicated before averaging, so the result has ``ceil(H / 2) x ceil(W / 2)``
-    pixels and the content stays aligned with the level-0 pixel grid (level pixel ``i`` covers level-0 pixels
-    ``2i`` and ``2i + 1``).
-
-    Args:
-        image: array of shape (H, W) or (H, W, C), any numeric dtype.
-
-    Returns:
-        The downsampled array with the input's dtype (rounded half up for integer dtypes).
-    """
-    if image.ndim not in (2, 3):
-        raise ValueError(f"image must have shape (H, W) or (H, W, C), got shape {image.shape}.")
-    if image.dtype == np.uint8 and (image.ndim == 2 or image.shape[2] == 3):
-        from PIL import Image  # C implementation of the same 2x2 box average (ragged edge blocks averaged as is)
-
-        return np.asarray(Image.fromarray(np.ascontiguousarray(image)).reduce(2))
-    height, width = image.shape[:2]
-    if height % 2 or width % 2:
-        pad = [(0, height % 2), (0, width % 2)] + [(0, 0)] * (image.ndim - 2)
-        image = np.pad(image, pad, mode="edge")
-    if np.issubdtype(image.dtype, np.integer) and image.dtype.itemsize <= 2:
-        wide = np.uint32 if image.dtype.kind == "u" else np.int32
-        total = image[0::2, 0::2].astype(wide)
-        total += image[1::2, 0::2]
-        total += image[0::2, 1::2]
-        total += image[1::2, 1::2]
-        total += 2  # round half up
-        total >>= 2
-        return total.astype(image.dtype)
-    total = image[0::2, 0::2].astype(np.float64) + image[1::2, 0::2] + image[0::2, 1::2] + image[1::2, 1::2]
-    if np.issubdtype(image.dtype, np.integer):
-        return np.floor(total * 0.25 + 0.5).astype(image.dtype)
-    return (total * 0.25).astype(image.dtype)
-
-
-def pyramid_level_shapes(height: int, width: int, min_level_size: int = 256) -> list[tuple[int, int]]:
-    """Sizes ``(height, width)`` of the pyramid levels that :func:`write_pyramidal_tiff` writes.
-
-    Level 0 is the full image. Each further level halves the previous one (rounding up) while the previous
-    level's longest side is at least ``2 * min_level_size``, so the smallest level's longest side lies in
-    ``[min_level_size, 2 * min_level_size)`` (or is level 0 itself when the image is smaller than that).
-
-    Args:
-        height: level-0 height in pixels.
-        width: level-0 width in pixels.
-        min_level_size: the smallest level keeps a longest side of at least this many pixels.
-
-    Returns:
-        One ``(height, width)`` tuple per level, level 0 first.
-    """
-    if min_level_size < 1:
-        raise ValueError(f"min_level_size must be a positive number of pixels, got {min_level_size}.")
-    shapes = [(int(height), int(width))]
-    while max(shapes[-1]) >= 2 * min_level_size:
-        h, w = shapes[-1]
-        shapes.append(((h + 1) // 2, (w + 1) // 2))
-    return shapes
-
-
-def write_pyramidal_tiff(
-    path: str | os.PathLike,
-    image: np.ndarray,
-    mpp: float,
-    tile_size: int = 256,
-    compression: str = "jpeg",
-    quality: int = 90,
-    min_level_size: int = 256,
-) -> Path:
-    """Write an RGB image as a tiled pyramidal TIFF that tifffile, cuCIM, OpenSlide and MONAI read with its pixel size.
-
-    Layout: every pyramid level is a top-level page (not a SubIFD), tiled ``tile_size x tile_size``, RGB, compressed
-    with ``compression`` (JPEG through imagecodecs by default; tifffile stores JPEG tiles as YCbCr with 2x2 chroma
-    subsampling, as Aperio scanners do, and every reader decodes them to RGB). Level 0 is the full image
-    (``NewSubfileType`` 0); each further level halves the previous one by 2x2 area averaging and is marked as a
-    reduced-resolution image (``NewSubfileType`` 1), until the longest side falls below ``2 * min_level_size``
-    (see :func:`pyramid_level_shapes`).
-
-    Pixel size: each page carries ``XResolution = 1e4 / (mpp * W0 / W)`` and ``YResolution = 1e4 / (mpp * H0 / H)``
-    pixels per centimetre with ``ResolutionUnit = CENTIMETER`` (``W0, H0``: level-0 size; ``W, H``: the page's size),
-    i.e. ``1e4 / (mpp * 2**level)`` when the sizes divide evenly. Measured with tifffile 2026.3, cuCIM 23.10,
-    OpenSlide 4.0 (openslide-python 1.4.7) and MONAI 1.6.1:
-
-    - tifffile reads the per-page tags;
-    - cuCIM reports ``metadata["cucim"]["spacing"] == [mpp, mpp, 1]`` in micrometres at level 0, which
-      ``WSIReader(backend="cucim").get_mpp(wsi, level)`` multiplies by the level's downsample;
-    - OpenSlide (generic-tiff vendor) exposes ``tiff.XResolution``/``tiff.ResolutionUnit`` and derives
-      ``openslide.mpp-x``/``openslide.mpp-y`` from them, which ``WSIReader(backend="openslide")`` reads;
-    - ``WSIReader(backend="tifffile").get_mpp(wsi, level)`` reads the tags of page ``level``.
-
-    All of them report ``mpp * downsample`` at every level. Where a level's size was rounded up (an odd size
-    halved), cuCIM and OpenSlide use the mean of the width and height ratios as the downsample and MONAI's tifffile
-    backend the per-axis tag, so they can differ in the third digit on the smallest levels.
-
-    The file is written atomically: to a temporary file in the destination folder, then renamed over ``path``; if
-    anything fails, no file (neither ``path`` nor the temporary one) is left behind. The reduced levels are held in
-    memory; for images that do not fit in memory use :func:`write_pyramidal_tiff_streamed` (same file, same pixels).
-
-    Args:
-        path: destination file (``.tif``/``.tiff``); its folder must exist. An existing file is replaced.
-        image: level-0 pixels, shape (H, W, 3), dtype uint8, RGB.
-        mpp: level-0 pixel size in micrometres per pixel (0.25 for a 40x scan), must be positive.
-        tile_size: tile edge in pixels; a positive multiple of 16 (a TIFF requirement). Defaults to 256.
-        compression: one of ``"jpeg"``, ``"deflate"`` (alias ``"zlib"``), ``"lzw"`` or ``"none"``.
-            Defaults to ``"jpeg"``.
-        quality: JPEG quality 1-100, ignored for other compressions. Defaults to 90.
-        min_level_size: stop adding levels once the longest side is below ``2 * min_level_size`` pixels.
-            Defaults to 256.
-
-    Returns:
-        The path written, as a :class:`pathlib.Path`.
-
-    Raises:
-        ValueError: if ``image`` is not an (H, W, 3) uint8 array or another argument is out of range.
-        FileNotFoundError: if the destination folder does not exist.
-    """
-    path = Path(path)
-    image = _check_image(image)
-    compression = _check_write_arguments(path, mpp, tile_size, compression, quality, min_level_size)
-    return _write_pyramid(
-        path, image, float(mpp), int(tile_size), compression, int(quality), int(min_level_size),
-        new_level=lambda index, shape: np.empty(shape, dtype=np.uint8),
-    )  # fmt: skip
-
-
-def write_pyramidal_tiff_streamed(
-    path: str | os.PathLike,
-    source,
-    mpp: float,
-    tile_size: int = 256,
-    compression: str = "jpeg",
-    quality: int = 90,
-    min_level_size: int = 256,
-    workdir: str | os.PathLike | None = None,
-) -> Path:
-    """Write the same pyramidal TIFF as :func:`write_pyramidal_tiff` from level-0 pixels that need not fit in memory.
-
-    ``source`` is read block by block (a tile, or two tile rows by at most 4096 columns), never as a whole: pass an
-    ``np.memmap`` of a raw RGB file, a zarr array, or any object with ``shape``, ``dtype`` and numpy-style slicing
-    ``source[y0:y1, x0:x1]`` returning an ``(h, w, 3)`` uint8 array. Level 0 is written tile by tile from it; each
-    reduced level is made from the previous one two tile rows at a time (:func:`downsample_by_two` on blocks with even
-    offsets, so the pixels are exactly those of :func:`write_pyramidal_tiff`) into a raw temporary file, and written
-    tile by tile from there. tifffile compresses tiles as they come, at most a few dozen at a time.
-
-    Peak memory is therefore a constant (a few tile buffers and blocks, about 10 MB with 256-px tiles) whatever the
-    slide's size; temporary disk space is a third of the raw level-0 size (the reduced levels), in ``workdir``.
-    Written atomically like :func:`write_pyramidal_tiff`; the temporary folder is removed in any case.
-
-    Args:
-        path: destination file; its folder must exist. An existing file is replaced.
-        source: level-0 pixels, an array-like of shape (H, W, 3) and dtype uint8 (RGB), read by slices.
-        mpp: level-0 pixel size in micrometres per pixel, must be positive.
-        tile_size: tile edge in pixels; a positive multiple of 16. Defaults to 256.
-        compression: ``"jpeg"``, ``"deflate"`` (alias ``"zlib"``), ``"lzw"`` or ``"none"``. Defaults to ``"jpeg"``.
-        quality: JPEG quality 1-100. Defaults to 90.
-        min_level_size: stop adding levels once the longest side is below ``2 * min_level_size``. Defaults to 256.
-        workdir: folder for the temporary level files (a fresh sub-folder is made and removed). Defaults to the
-            system's temporary folder (``TMPDIR``).
-
-    Returns:
-        The path written, as a :class:`pathlib.Path`.
-
-    Raises:
-        ValueError: if ``source`` is not an (H, W, 3) uint8 array-like or another argument is out of range.
-        FileNotFoundError: if the destination folder or ``workdir`` does not exist.
-    """
-    path = Path(path)
-    shape, dtype = getattr(source, "shape", None), getattr(source, "dtype", None)
-    if shape is None or dtype is None or not hasattr(source, "__getitem__"):
-        raise ValueError(
-            f"source must be an array-like with shape, dtype and slicing (e.g. np.memmap of shape (H, W, 3), uint8), "
-            f"got {type(source).__name__}."
-        )
-    if len(shape) != 3 or shape[2] != 3 or shape[0] < 1 or shape[1] < 1:
-        raise ValueError(f"source must have shape (H, W, 3) (RGB, channels last), got shape {tuple(shape)}.")
-    if np.dtype(dtype) != np.uint8:
-        raise ValueError(f"source must have dtype uint8, got {dtype}; scale it to 0-255 and store it as uint8.")
-    compression = _check_write_arguments(path, mpp, tile_size, compression, quality, min_level_size)
-    if workdir is not None and not Path(workdir).is_dir():
-        raise FileNotFoundError(f"workdir {str(workdir)!r} does not exist; create it or pass workdir=None.")
-    scratch = Path(tempfile.mkdtemp(prefix=".pyramid-", dir=None if workdir is None else str(workdir)))
-    try:
-
-        def new_level(index: int, level_shape: tuple[int, int, int]) -> np.ndarray:
-            return _temp_array(scratch, f"level{index}", level_shape, dtype=np.uint8)
-
-        return _write_pyramid(
-            path, source, float(mpp), int(tile_size), compression, int(quality), int(min_level_size), new_level
-        )
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _check_write_arguments(
-    path: Path, mpp: float, tile_size: int, compression: str, quality: int, min_level_size: int
-) -> str:
-    """Validate the writer's arguments (raising ``ValueError``/``FileNotFoundError``); return the compression name."""
-    if not isinstance(mpp, (int, float, np.floating, np.integer)) or not np.isfinite(mpp) or mpp <= 0:
-        raise ValueError(f"mpp must be a positive, finite pixel size in micrometres per pixel, got {mpp!r}.")
-    if not isinstance(tile_size, (int, np.integer)) or tile_size < 16 or tile_size % 16:
-        raise ValueError(f"tile_size must be a positive multiple of 16 pixels (e.g. 256), got {tile_size!r}.")
-    compression = str(compression).lower()
-    if compression not in _COMPRESSIONS:
-        raise ValueError(f"compression must be one of {_COMPRESSIONS}, got {compression!r}.")
-    if not isinstance(quality, (int, np.integer)) or not 1 <= quality <= 100:
-        raise ValueError(f"quality must be an integer JPEG quality in [1, 100], got {quality!r}.")
-    if not isinstance(min_level_size, (int, np.integer)) or min_level_size < 1:
-        raise ValueError(f"min_level_size must be a positive number of pixels, got {min_level_size!r}.")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"the folder of path {str(path)!r} does not exist; create it first.")
-    return compression
-
-
-def _iter_tiles(level, tile_size: int) -> Iterator[np.ndarray]:
-    """Tiles of ``level`` in row-major order, edge tiles cropped (tifffile pads them with zeros, as for arrays)."""
-    height, width = level.shape[:2]
-    for y in range(0, height, tile_size):
-        for x in range(0, width, tile_size):
-            yield np.ascontiguousarray(level[y : y + tile_size, x : x + tile_size])
-
-
-def _downsample_into(source, target: np.ndarray, rows: int, columns: int = _DOWNSAMPLE_BLOCK) -> None:
-    """Fill ``target`` with :func:`downsample_by_two` of ``source``, block by block (even offsets: same pixels)."""
-    height, width = target.shape[:2]
-    for y in range(0, height, rows):
-        for x in range(0, width, columns):
-            block = np.asarray(source[2 * y : 2 * (y + rows), 2 * x : 2 * (x + columns)])
-            target[y : y + rows, x : x + columns] = downsample_by_two(block)
-
-
-def _write_pyramid(
-    path: Path,
-    source,
-    mpp: float,
-    tile_size: int,
-    compression: str,
-    quality: int,
-    min_level_size: int,
-    new_level: Callable[[int, tuple[int, int, int]], np.ndarray],
-) -> Path:
-    """Write the pyramid of ``source`` (array-like, read by slices) atomically; reduced levels go to ``new_level``."""
-    import tifffile
-
-    height0, width0 = int(source.shape[0]), int(source.shape[1])
-    shapes = pyramid_level_shapes(height0, width0, min_level_size)
-    codec: str | None = None if compression == "none" else ("zlib" if compression == "deflate" else compression)
-    compressionargs = {"level": int(quality)} if compression == "jpeg" else None
-    # BigTIFF once the uncompressed pyramid could approach the 4 GiB offset limit of classic TIFF.
-    bigtiff = height0 * width0 * 3 * 4 // 3 > 2**31
-    # tifffile compresses this many bytes of tiles per pass (its default, 512 MB, would hold whole levels in memory)
-    buffersize = _WRITE_BUFFER_TILES * tile_size * tile_size * 3
-
-    # a fresh name beside the target (same file system, so os.replace is atomic); created with the usual permissions
-    tmp_name = str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with tifffile.TiffWriter(tmp_name, bigtiff=bigtiff) as tif:
-            level = source
-            for index, (height, width) in enumerate(shapes):
-                if index > 0:
-                    reduced = new_level(index, (height, width, 3))
-                    _downsample_into(level, reduced, rows=tile_size)
-                    level = reduced
-                if tuple(level.shape[:2]) != (height, width):  # guards the shape rule shared with pyramid_level_shapes
-                    raise RuntimeError(f"level {index} has shape {level.shape[:2]}, expected {(height, width)}.")
-                # The level's physical pixel size along each axis (exact, also for odd sizes rounded up).
-                pixels_per_cm_y = 1e4 / (mpp * height0 / height)
-                pixels_per_cm_x = 1e4 / (mpp * width0 / width)
-                tif.write(
-                    _iter_tiles(level, tile_size),
-                    shape=(height, width, 3),
-                    dtype=np.uint8,
-                    photometric="rgb",
-                    tile=(tile_size, tile_size),
-                    compression=codec,
-                    compressionargs=compressionargs,
-                    resolution=(pixels_per_cm_x, pixels_per_cm_y),
-                    resolutionunit="CENTIMETER",
-                    subfiletype=0 if index == 0 else 1,
-                    software="st-he-ldm bundle.wsi.write_pyramidal_tiff",
-                    metadata=None,
-                    buffersize=buffersize,
-                )
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _check_image(image: np.ndarray) -> np.ndarray:
-    """Return ``image`` as a C-contiguous (H, W, 3) uint8 array or raise a ``ValueError`` naming what is wrong."""
-    if not isinstance(image, np.ndarray):
-        raise ValueError(f"image must be a numpy array of shape (H, W, 3) and dtype uint8, got {type(image).__name__}.")
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(
-            f"image must have shape (H, W, 3) (RGB, channels last), got shape {image.shape}; "
-            "convert grayscale or RGBA images to RGB first."
-        )
-    if image.dtype != np.uint8:
-        raise ValueError(
-            f"image must have dtype uint8, got {image.dtype}; scale it to 0-255 and cast with astype(np.uint8)."
-        )
-    if image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError(f"image must have at least one pixel, got shape {image.shape}.")
-    return np.ascontiguousarray(image)
-
-
-# --- whole-slide synthesis ------------------------------------------------------------------------------------------
-
-VISIUM_PITCH_UM = 100.0
 """Centre-to-centre distance of Visium spots; used when the pitch cannot be measured (fewer than two spots)."""
 
-# Order of the model's neighbour slots: (array_row, array_col) steps of bundle.data.HEX_OFFSETS.
-_HEX_STEPS = ((0, -2), (0, 2), (-1, -1), (-1, 1), (1, -1), (1, 1))
+
 _NOISE_ROWS = 64  # latent rows per chunk of initial and step noise: fixed, so the slide does not depend on chunking
 _KNN = 19  # spots considered per interpolated point: a spot and two hexagonal rings around it
 _COLUMN_BLOCK = 4096  # pixel columns finalised at a time
@@ -386,55 +57,6 @@ def window_weights(size: int) -> np.ndarray:
     if size < 1:
         raise ValueError(f"window size must be at least 1 pixel, got {size}.")
     return (np.sin(np.pi * (np.arange(size, dtype=np.float64) + 0.5) / size) ** 2).astype(np.float32)
-
-
-def estimate_spot_pitch(positions_um: np.ndarray) -> float:
-    """Centre-to-centre spot distance in micrometres: the median nearest-neighbour distance (100 um on Visium)."""
-    from scipy.spatial import cKDTree
-
-    positions_um = np.asarray(positions_um, dtype=np.float64)
-    if len(positions_um) < 2:
-        return VISIUM_PITCH_UM
-    distances, _ = cKDTree(positions_um).query(positions_um, k=2)
-    pitch = float(np.median(distances[:, 1]))
-    if not pitch > 0:
-        raise ValueError("positions_um holds duplicate spot positions (nearest-neighbour distance 0); remove them.")
-    return pitch
-
-
-def lattice_offsets(
-    positions_um: np.ndarray, neighbors: np.ndarray | None = None, pitch_um: float | None = None
-) -> np.ndarray:
-    """Displacements ``(6, 2)`` (x, y in micrometres) from a spot to its six hex neighbours, in the model's slot order.
-
-    With ``neighbors`` (the ``(N, 6)`` neighbour indices the training data used, ``-1`` for none), each slot's offset is
-    the mean displacement to that neighbour over the spots that have it, so a rotated or mirrored array keeps the slot
-    meaning the model learnt. Otherwise (or for a slot no spot has) the Visium layout of
-    :data:`bundle.data.HEX_OFFSETS` is used: ``array_col`` steps of ``pitch / 2`` along x and ``array_row`` steps of
-    ``pitch * sqrt(3) / 2`` along y.
-
-    Args:
-        positions_um: spot centres ``(N, 2)`` as (x, y) micrometres.
-        neighbors: optional ``(N, 6)`` indices into ``positions_um`` (``-1``: no neighbour).
-        pitch_um: spot pitch; measured with :func:`estimate_spot_pitch` when None.
-    """
-    positions_um = np.asarray(positions_um, dtype=np.float64)
-    pitch = estimate_spot_pitch(positions_um) if pitch_um is None else float(pitch_um)
-    offsets = np.array([(dc * pitch / 2.0, dr * pitch * np.sqrt(3.0) / 2.0) for dr, dc in _HEX_STEPS])
-    if neighbors is None:
-        return offsets
-    neighbors = np.asarray(neighbors)
-    if neighbors.ndim != 2 or neighbors.shape[0] != len(positions_um) or neighbors.shape[1] < len(_HEX_STEPS):
-        raise ValueError(
-            f"neighbors must be ({len(positions_um)}, 6) indices into positions_um (-1 for none), got shape "
-            f"{neighbors.shape}."
-        )
-    for slot in range(len(_HEX_STEPS)):
-        index = neighbors[:, slot].astype(np.int64)
-        valid = (index >= 0) & (index < len(positions_um))
-        if valid.any():
-            offsets[slot] = (positions_um[index[valid]] - positions_um[valid]).mean(axis=0)
-    return offsets
 
 
 def interpolate_expression(
@@ -522,13 +144,7 @@ class SeamStatistics:
     """
 
     def __init__(
-        self,
-        height: int,
-        width: int,
-        window_px: int,
-        stride_px: int,
-        offset: int | Sequence[int] = 0,
-        period: int = 1,
+        self, height: int, width: int, window_px: int, stride_px: int, offset: int | Sequence[int] = 0, period: int = 1
     ) -> None:
         if window_px < 1 or stride_px < 1 or period < 1:
             raise ValueError(
@@ -694,11 +310,6 @@ def _plan_layout(
     return _Layout((float(x0), float(y0)), latent_um, window, stride, grid, canvas, starts[keep], centres[keep])
 
 
-def _temp_array(folder: Path, name: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
-    """A zero-filled ``np.memmap`` in ``folder`` (``.npy`` layout)."""
-    return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=tuple(int(v) for v in shape))
-
-
 def _check_output_path(path: Path) -> None:
     """Fail early (before any compute) when ``path`` cannot be written: missing folder, a file as folder, no rights."""
     folder = path.parent
@@ -775,8 +386,8 @@ def synthesize_slide(
     windows, one band column block and a few tiles, whatever the slide's size.
 
     Args:
-        pipeline: an :class:`bundle.sampling.ExpressionToTissuePipeline` (e.g. from
-            :func:`bundle.inference.load_pipeline`).
+        pipeline: an :class:`bundle.sampling.pipeline.ExpressionToTissuePipeline` (e.g. from
+            :func:`bundle.sampling.generation.load_pipeline`).
         positions_um: ``(N, 2)`` centres (x, y) of the in-tissue spots in micrometres (slide or array coordinates).
         expression: ``(N, G)`` log-normalised expression in the model's gene-panel order.
         output_path: the ``.tif`` to write (atomically); its folder must exist.
@@ -842,7 +453,7 @@ def synthesize_slide(
     if num_genes is not None and expression.shape[1] != num_genes:
         raise ValueError(
             f"expression has {expression.shape[1]} genes but the model was trained on a {num_genes}-gene panel; "
-            "select the checkpoint's gene_panel genes, in its order (bundle.data.check_gene_panel)."
+            "select the checkpoint's gene_panel genes, in its order (bundle.io.gene_panel.check_gene_panel)."
         )
     if not np.isfinite(expression).all():
         raise ValueError("expression contains NaN or infinite values; fill missing genes (e.g. with 0) first.")
@@ -870,7 +481,7 @@ def synthesize_slide(
     if mpp is not None and (not isinstance(mpp, number) or not np.isfinite(mpp) or mpp <= 0):
         raise ValueError(f"mpp must be None (the model's pixel size) or a positive pixel size in um/px, got {mpp!r}.")
     _check_output_path(output_path)
-    compression = _check_write_arguments(output_path, 1.0, tile_size, compression, quality, min_level_size)
+    compression = check_write_arguments(output_path, 1.0, tile_size, compression, quality, min_level_size)
     steps = pipeline.num_inference_steps if num_inference_steps is None else int(num_inference_steps)
     scale = pipeline.guidance_scale if guidance_scale is None else guidance_scale
     pitch = estimate_spot_pitch(positions_um) if pitch_um is None else float(pitch_um)
@@ -931,7 +542,7 @@ def synthesize_slide(
     try:
         # --- conditions of the tissue windows (memmap, computed in chunks) ------------------------------------------
         cond_shape = (num_windows, *((1 + num_neighbors,) if num_neighbors else ()), expression.shape[1])
-        conditions = _temp_array(scratch, "conditions", cond_shape)
+        conditions = memmap_array(scratch, "conditions", cond_shape)
         for first in range(0, num_windows, 256):
             centres = layout.centres_um[first : first + 256]
             centre, _ = interpolate_expression(positions_um, expression, centres, sigma, radius, tree)
@@ -949,14 +560,14 @@ def synthesize_slide(
         pipeline.check_inputs(torch.as_tensor(np.asarray(conditions[:1])), steps, scale)
 
         # --- latent canvas, weights, initial noise ------------------------------------------------------------------
-        canvas = _temp_array(scratch, "canvas", (channels, *layout.canvas))
-        accumulator = _temp_array(scratch, "accumulator", (channels, *layout.canvas))
-        weight_sum = _temp_array(scratch, "weight_sum", layout.canvas)
+        canvas = memmap_array(scratch, "canvas", (channels, *layout.canvas))
+        accumulator = memmap_array(scratch, "accumulator", (channels, *layout.canvas))
+        weight_sum = memmap_array(scratch, "weight_sum", layout.canvas)
         initial_canvas_noise(seed, (channels, *layout.canvas), out=canvas)
         latent_weights = np.outer(window_weights(latent_w), window_weights(latent_w))
         for row, col in layout.starts:
             weight_sum[row : row + latent_w, col : col + latent_w] += latent_weights
-        inverse_weights = _temp_array(scratch, "inverse_weights", layout.canvas)
+        inverse_weights = memmap_array(scratch, "inverse_weights", layout.canvas)
         for row in range(0, layout.canvas[0], _NOISE_ROWS):
             block = np.asarray(weight_sum[row : row + _NOISE_ROWS])
             inverse_weights[row : row + _NOISE_ROWS] = np.where(block > 0, 1.0 / np.maximum(block, 1e-30), 0.0)
@@ -996,9 +607,9 @@ def synthesize_slide(
 
         # --- decoding and pixel blending, band by band --------------------------------------------------------------
         decode_start = time.perf_counter()
-        level0 = _temp_array(scratch, "level0", (height_px, width_px, 3), dtype=np.uint8)
-        band = _temp_array(scratch, "band", (window_px, width_px, 3))
-        band_weights = _temp_array(scratch, "band_weights", (window_px, width_px))
+        level0 = memmap_array(scratch, "level0", (height_px, width_px, 3), dtype=np.uint8)
+        band = memmap_array(scratch, "band", (window_px, width_px, 3))
+        band_weights = memmap_array(scratch, "band_weights", (window_px, width_px))
         pixel_weights = np.outer(window_weights(window_px), window_weights(window_px))
         rows_of_windows = layout.starts[:, 0] // stride
         grid_rows = range(layout.grid[0])

@@ -143,7 +143,9 @@ def get_wsi_reader(backend: str | None = "cucim", **kwargs: Any) -> BaseWSIReade
     """
     backend = default_backend() if backend in (None, "auto") else str(backend).lower()
     if backend not in SUPPORTED_BACKENDS:
-        raise ValueError(f"backend must be one of {SUPPORTED_BACKENDS} (or None for the best available), got {backend!r}.")
+        raise ValueError(
+            f"backend must be one of {SUPPORTED_BACKENDS} (or None for the best available), got {backend!r}."
+        )
     if backend not in available_backends():
         raise ImportError(
             f"Slide backend {backend!r} is not installed here; install it (cuCIM: `pip install cucim`, OpenSlide: "

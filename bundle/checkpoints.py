@@ -1,0 +1,164 @@
+"""Checkpoints of this bundle: ``models/model.pt`` (EMA weights, gene panel, architecture) save/load, the model's
+recorded settings, and the newest resumable training checkpoint of a folder.
+
+Every checkpoint is read with ``torch.load(..., weights_only=True)`` and written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bundle.utils import atomic_path, plain, unwrap_network
+
+
+def read_model_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The entries of ``models/model.pt`` other than the weights (gene panel, normalisation, latent shape, ...).
+
+    The inference configs read the gene panel and the number of neighbours from here, so that the network they build
+    fits the checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"model checkpoint {str(path)!r} does not exist: train one first (python -m monai.bundle run training "
+            "--config_file configs/train.json) or pass --model_path <models/model.pt>."
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    for key in ("gene_panel", "scale_factor", "latent_shape"):
+        if key not in state:
+            raise ValueError(
+                f"{str(path)!r} has no {key!r}: it is not a models/model.pt written by configs/train.json."
+            )
+    return {k: v for k, v in state.items() if k != "network"}
+
+
+def latest_checkpoint(folder: str | os.PathLike, prefix: str = "checkpoint") -> str | None:
+    """The newest ``<prefix>*.pt`` in ``folder`` (by the iteration number ending its name), or None.
+
+    Used to resume a killed run: the configs pass it to a ``CheckpointLoader`` that is disabled when it is None.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = []
+    for path in folder.glob(f"{prefix}*.pt"):
+        numbers = re.findall(r"(\d+)\.pt$", path.name)
+        found.append((int(numbers[-1]) if numbers else -1, path.stat().st_mtime, path))
+    return str(max(found)[2]) if found else None
+
+
+def save_model(
+    path: str | os.PathLike,
+    network: nn.Module,
+    genes: Sequence[str],
+    scale_factor: float,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the model-zoo ``models/model.pt`` atomically: network weights plus the gene panel and scale factor.
+
+    Args:
+        path: destination.
+        network: network whose weights are saved (the EMA copy after training).
+        genes: gene panel the network was trained on; inference refuses other panels.
+        scale_factor: latent scale factor of the autoencoder used.
+        extra: more entries (normalisation, number of neighbours, iteration, ...).
+    """
+    state = {
+        "network": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+        "gene_panel": list(genes),
+        "scale_factor": float(scale_factor),
+        **(extra or {}),
+    }
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
+def load_model(
+    path: str | os.PathLike,
+    network: nn.Module,
+    genes: Sequence[str] | None = None,
+    architecture: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Load ``models/model.pt`` into ``network`` (``weights_only=True``), checking the gene panel when given.
+
+    Args:
+        path: the checkpoint.
+        network: the network built from the config (``network_def``).
+        genes: genes of the expression data that will condition it; refused unless they are the checkpoint's panel.
+        architecture: the config's architecture settings (the ``architecture`` entry that training records); a
+            difference is refused, naming the setting, before any weight is loaded.
+
+    Returns:
+        the checkpoint's other entries (``gene_panel``, ``scale_factor``, ...).
+    """
+    from bundle.autoencoder import _load_state_strict
+    from bundle.io.gene_panel import check_gene_panel
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Model checkpoint {str(path)!r} does not exist; train the model first (configs/train.json)."
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if genes is not None:
+        check_gene_panel(state["gene_panel"], list(genes), what="the expression data")
+    recorded = state.get("architecture")
+    if architecture is not None and recorded is not None:
+        differ = [k for k in recorded if k in architecture and plain(architecture[k]) != plain(recorded[k])]
+        if differ:
+            details = "; ".join(f"{k}: checkpoint {recorded[k]!r}, config {architecture[k]!r}" for k in differ)
+            raise ValueError(
+                f"{str(path)!r} was trained with other network settings than the config's ({details}). Use the "
+                "config the model was trained with (for the demo model add configs/demo.json to --config_file)."
+            )
+    _load_state_strict(unwrap_network(network), state["network"], f"model checkpoint {str(path)!r}", recorded)
+    return {k: v for k, v in state.items() if k != "network"}
+
+
+def build_network(info: dict[str, Any]) -> nn.Module:
+    """The stage-2 network that ``models/model.pt`` holds weights for, built from the settings training recorded.
+
+    ``configs/train.json``'s ``network_def`` is the one definition of the network; training records its settings
+    (``architecture``, ``latent_shape``, ``gene_panel``, ``num_neighbors``) in the checkpoint, so the inference and
+    evaluation configs need no copy of it: ``"network_def": "$bundle.checkpoints.build_network(@model_info)"``.
+
+    Args:
+        info: the checkpoint's entries, as :func:`read_model_info` returns them.
+    """
+    from monai.networks.nets import DiffusionModelUNet
+
+    from bundle.networks import GeneConditionedUNet, GeneCondNet
+
+    arch = info.get("architecture")
+    if not arch or "unet_kwargs" not in arch:
+        raise ValueError(
+            "the model checkpoint records no network architecture (it predates version 0.3.0): retrain it with "
+            "configs/train.json, which records the settings inference builds the network from."
+        )
+    latent_channels = int(info["latent_shape"][0])
+    unet = DiffusionModelUNet(
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        with_conditioning=True,
+        cross_attention_dim=int(arch["cross_attention_dim"]),
+        **arch["unet_kwargs"],
+    )
+    encoder = GeneCondNet(
+        num_genes=len(info["gene_panel"]),
+        cross_attention_dim=int(arch["cross_attention_dim"]),
+        num_tokens=int(arch["num_context_tokens"]),
+        hidden_dim=int(arch["gene_encoder_hidden_dim"]),
+        num_layers=int(arch.get("gene_encoder_num_layers", 2)),
+        num_neighbors=int(arch.get("num_neighbors", info.get("num_neighbors", 6))),
+    )
+    return GeneConditionedUNet(
+        encoder, unet, add_condition_to_time_embedding=bool(arch.get("add_condition_to_time_embedding", True))
+    )

@@ -1,0 +1,491 @@
+"""Reading spots: Space Ranger folders, ``.h5ad`` (HEST), legacy tables and CSVs, raw counts and their
+normalisation, and :func:`read_spots`, which turns any of them into conditions for a trained model's gene panel.
+
+scanpy and anndata are imported inside the functions that need them, so ``import bundle`` stays light.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bundle.utils import read_json
+
+logger = logging.getLogger(__name__)
+
+
+def read_spaceranger(path: str | os.PathLike, count_file: str = "filtered_feature_bc_matrix.h5"):
+    """Read a Space Ranger output folder with ``scanpy.read_visium``.
+
+    Returns an AnnData with raw counts in ``X``, ``obsm["spatial"]`` = ``(x, y)`` full-resolution pixels,
+    ``obs["in_tissue"/"array_row"/"array_col"]`` and unique gene symbols as ``var_names``.
+
+    Raises:
+        FileNotFoundError: the folder, the count matrix or ``spatial/`` files are missing.
+        ValueError: the HDF5 lacks the ``library_ids`` attribute that scanpy needs.
+    """
+    import scanpy as sc
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"Space Ranger folder {str(path)!r} does not exist.")
+    h5 = path / count_file
+    if not h5.is_file():
+        raise FileNotFoundError(f"{str(path)!r} has no {count_file}; point st_path at Space Ranger's `outs/` folder.")
+    positions = [path / "spatial" / n for n in ("tissue_positions.csv", "tissue_positions_list.csv")]
+    if not any(p.is_file() for p in positions):
+        raise FileNotFoundError(
+            f"{str(path)!r} has no spatial/tissue_positions.csv (Space Ranger >= 2.0) or "
+            "spatial/tissue_positions_list.csv (1.x): the spot coordinates are needed."
+        )
+    import h5py
+
+    with h5py.File(h5, "r") as f:
+        has_library_ids = "library_ids" in f.attrs
+    if not has_library_ids:
+        raise ValueError(
+            f"{str(h5)!r} has no `library_ids` attribute, which scanpy.read_visium needs to name the capture area. "
+            "Space Ranger writes it; for a file from another tool add it, e.g. "
+            "`h5py.File(path, 'a').attrs['library_ids'] = [b'<sample id>']`, or convert the sample to .h5ad "
+            "with obsm['spatial'] and use that."
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        adata = sc.read_visium(path, count_file=count_file)
+    adata.var_names_make_unique()
+    return adata
+
+
+def read_h5ad(path: str | os.PathLike):
+    """Read an ``.h5ad`` file whose ``obsm["spatial"]`` holds ``(x, y)`` level-0 pixel spot centres."""
+    import anndata
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"h5ad file {str(path)!r} does not exist.")
+    adata = anndata.read_h5ad(path)
+    if "spatial" not in adata.obsm:
+        raise ValueError(
+            f"{str(path)!r} has no obsm['spatial'] (spot centres as (x, y) level-0 pixels); add it before preparing."
+        )
+    adata.var_names_make_unique()
+    return adata
+
+
+def read_hest_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a HEST sample's metadata JSON and return it with ``"mpp"`` set from its pixel size.
+
+    HEST records ``pixel_size_um_embedded`` (from the slide file, may be null) and ``pixel_size_um_estimated``
+    (from the spot lattice); the embedded one is preferred.
+    """
+    meta = read_json(path)
+    for key in ("pixel_size_um_embedded", "pixel_size_um_estimated"):
+        value = meta.get(key)
+        if value is not None and not (isinstance(value, float) and np.isnan(value)) and float(value) > 0:
+            meta["mpp"], meta["mpp_key"] = float(value), key
+            break
+    else:
+        meta["mpp"], meta["mpp_key"] = None, None
+    return meta
+
+
+def read_st(path: str | os.PathLike):
+    """Read spatial transcriptomics from a Space Ranger folder or an ``.h5ad`` file (HEST samples are h5ad)."""
+    path = Path(path)
+    if path.is_dir():
+        return read_spaceranger(path)
+    if path.suffix == ".h5ad":
+        return read_h5ad(path)
+    raise ValueError(f"Cannot read {str(path)!r}: st_path must be a Space Ranger folder or an .h5ad file.")
+
+
+def get_counts(adata, layer: str | None = None, name: str = "sample"):
+    """Return ``(counts, gene_names)``: a CSR matrix of raw counts and the matching gene names.
+
+    Looks in ``layer`` when given, else ``adata.raw`` when present, else ``X``, and checks that the values are counts.
+
+    Raises:
+        ValueError: the values are negative or not whole numbers (log-normalised or scaled data), naming ``name``.
+    """
+    from scipy import sparse
+
+    if layer is not None:
+        if layer not in adata.layers:
+            raise ValueError(f"{name}: layer {layer!r} not found; available layers: {list(adata.layers)}.")
+        matrix, genes, source = adata.layers[layer], list(adata.var_names), f"layer {layer!r}"
+    elif adata.raw is not None:
+        matrix, genes, source = adata.raw.X, list(adata.raw.var_names), "adata.raw"
+    else:
+        matrix, genes, source = adata.X, list(adata.var_names), "X"
+    matrix = sparse.csr_matrix(matrix)
+    values = matrix.data
+    if values.size and values.min() < 0:
+        raise ValueError(
+            f"{name}: {source} has negative values (min {values.min():.4g}), so it is not raw counts (scaled data?). "
+            "Provide raw counts: the Space Ranger matrix, adata.raw, or a counts layer (manifest column `layer`)."
+        )
+    if values.size and not np.all(np.equal(np.mod(values, 1), 0)):
+        bad = values[np.mod(values, 1) != 0][:3]
+        raise ValueError(
+            f"{name}: {source} has non-integer values (e.g. {np.round(bad, 4).tolist()}), so it is not raw counts "
+            "(it looks log-normalised). Provide raw counts: the Space Ranger matrix, adata.raw, or a counts layer "
+            "(manifest column `layer`)."
+        )
+    return matrix, genes
+
+
+def log_normalize(counts, library_size: np.ndarray, target_sum: float) -> np.ndarray:
+    from scipy import sparse
+
+    scaled = sparse.diags(target_sum / np.maximum(library_size, 1.0)) @ sparse.csr_matrix(counts, dtype=np.float64)
+    return np.log1p(scaled.toarray()).astype(np.float32)
+
+
+def spot_table(adata) -> dict[str, np.ndarray]:
+    obs = adata.obs
+    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
+    n = adata.n_obs
+    table = {
+        "barcode": np.asarray(adata.obs_names, dtype=str),
+        "x": xy[:, 0],
+        "y": xy[:, 1],
+        "in_tissue": np.asarray(obs["in_tissue"], dtype=int) if "in_tissue" in obs else np.ones(n, dtype=int),
+    }
+    if "array_row" in obs and "array_col" in obs:
+        table["array_row"] = np.asarray(obs["array_row"], dtype=int)
+        table["array_col"] = np.asarray(obs["array_col"], dtype=int)
+    return table
+
+
+def spot_diameter_px(adata) -> float | None:
+    for library in (adata.uns.get("spatial") or {}).values():
+        value = (library.get("scalefactors") or {}).get("spot_diameter_fullres")
+        if value:
+            return float(value)
+    return None
+
+
+# CSV columns that describe a spot rather than a gene
+CSV_ID_COLUMNS = ("spot_id", "barcode", "id", "spot")
+CSV_META_COLUMNS = ("sample", "array_row", "array_col", "x_um", "y_um", "total_counts", "in_tissue")
+NEIGHBOR_RADIUS_UM = 125.0  # spots closer than this are neighbours when only positions are known (100 um lattice)
+
+
+@dataclass
+class SpotExpression:
+    """Spots ready to condition the model: log-normalised expression of the model's gene panel, with their context.
+
+    Attributes:
+        ids: spot ids (barcodes), unique, in input order.
+        expression: ``(N, G)`` float32 ``log1p(normalize_total)`` values of the panel genes, in panel order.
+        neighbors: ``(N, 6)`` row indices of each spot's hex-lattice neighbours (``-1`` where there is none), or None
+            when the input has no spot positions.
+        positions_um: ``(N, 2)`` spot centres ``(x, y)`` in micrometres, or None when unknown.
+        sample: sample (capture area) name.
+        genes: the panel the columns of ``expression`` follow.
+        source: the file or folder the spots were read from.
+    """
+
+    ids: list[str]
+    expression: np.ndarray
+    neighbors: np.ndarray | None
+    positions_um: np.ndarray | None
+    sample: str
+    genes: list[str] = field(default_factory=list)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _target_sum(normalization: Mapping[str, Any] | None) -> float:
+    """``target_sum`` of the checkpoint's normalisation record (``normalize_total+log1p`` is the only method)."""
+    if normalization is None:
+        logger.warning("the model records no normalisation; using normalize_total(target_sum=1e4) + log1p.")
+        return 1e4
+    method = normalization.get("method", "normalize_total+log1p")
+    if method != "normalize_total+log1p":
+        raise ValueError(
+            f"the model's expression was normalised with {method!r}, which generation cannot reproduce; only "
+            "'normalize_total+log1p' (what prepare_dataset writes) is supported."
+        )
+    return float(normalization.get("target_sum", 1e4))
+
+
+def _panel_columns(genes: Sequence[str], available: Sequence[str], what: str) -> list[int]:
+    """Column of each panel gene in ``available``; raises naming the panel genes that are missing."""
+    position = {}
+    for i, g in enumerate(available):
+        position.setdefault(str(g), i)
+    missing = [g for g in genes if g not in position]
+    if missing:
+        raise ValueError(
+            f"{what} lacks {len(missing)} of the model's {len(genes)} panel genes: {missing[:20]}"
+            f"{' ...' if len(missing) > 20 else ''}. The input must measure every gene of the panel (other genes are "
+            "ignored); check the gene symbols, or use a model trained on a panel that this data covers."
+        )
+    return [position[g] for g in genes]
+
+
+def _check_values(values: np.ndarray, what: str, normalized: bool) -> None:
+    """Raise unless ``values`` are finite, non-negative and (unless ``normalized``) whole numbers."""
+    if values.size == 0:
+        return
+    if not np.isfinite(values).all():
+        raise ValueError(f"{what} contains NaN or infinite values; fill missing measurements (e.g. with 0) first.")
+    if values.min() < 0:
+        raise ValueError(
+            f"{what} has negative values (min {values.min():.4g}): expected "
+            f"{'log1p(normalize_total) values (>= 0)' if normalized else 'raw counts'}; scaled or centred data cannot "
+            "be used."
+        )
+    if not normalized and not np.all(np.equal(np.mod(values, 1), 0)):
+        bad = values[np.mod(values, 1) != 0][:3]
+        raise ValueError(
+            f"{what} has non-integer values (e.g. {np.round(bad, 4).tolist()}), so it is not raw counts. Give raw "
+            "counts, or set normalized=True (--normalized True) if the values are already log1p(normalize_total) "
+            "with the model's target sum."
+        )
+
+
+def _unique_ids(ids: Sequence[Any], what: str) -> list[str]:
+    """``ids`` as strings; raises naming the ones that occur twice."""
+    ids = [str(i) for i in ids]
+    if len(set(ids)) != len(ids):
+        seen, dupes = set(), []
+        for i in ids:
+            if i in seen and i not in dupes:
+                dupes.append(i)
+            seen.add(i)
+        raise ValueError(f"{what} names some spots more than once ({dupes[:5]}); spot ids must be unique.")
+    return ids
+
+
+def _anndata_sample(adata: Any, path: Path) -> str:
+    """The sample name of an AnnData: its one Space Ranger library id, else the folder or file name."""
+    spatial = adata.uns.get("spatial")
+    libraries = list(spatial) if isinstance(spatial, Mapping) else []
+    if len(libraries) == 1:
+        return str(libraries[0])
+    if path.is_dir():
+        return path.parent.name if path.name in ("outs", "spaceranger") else path.name
+    return path.stem
+
+
+def _neighbors_from_positions(positions_um: np.ndarray | None) -> np.ndarray | None:
+    """Up to 6 spots within :data:`NEIGHBOR_RADIUS_UM` of each spot, as prepare_dataset finds them without a lattice."""
+    from bundle.geometry import radius_neighbors
+
+    return None if positions_um is None else radius_neighbors(positions_um, radius=NEIGHBOR_RADIUS_UM)
+
+
+def _read_anndata_spots(
+    adata: Any, genes: list[str], target_sum: float, layer: str | None, normalized: bool, mpp: float | None, what: str
+) -> tuple[list[str], np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Ids, expression, neighbours and positions of an AnnData from Space Ranger or an h5ad file."""
+    from scipy import sparse
+
+    from bundle.geometry import hex_neighbors
+    from bundle.io.spots import get_counts, log_normalize, spot_diameter_px
+
+    if "in_tissue" in adata.obs and (np.asarray(adata.obs["in_tissue"]) == 0).any():
+        keep = np.asarray(adata.obs["in_tissue"]) != 0
+        logger.info(f"{what}: using the {int(keep.sum())} of {adata.n_obs} spots in tissue (obs['in_tissue']).")
+        adata = adata[keep].copy()
+    if adata.n_obs == 0:
+        raise ValueError(f"{what} holds no spot.")
+    ids = _unique_ids(adata.obs_names, what)
+    if normalized:
+        if layer is not None and layer not in adata.layers:
+            raise ValueError(f"{what}: layer {layer!r} not found; available layers: {list(adata.layers)}.")
+        matrix = adata.layers[layer] if layer is not None else adata.X
+        columns = _panel_columns(genes, list(adata.var_names), what)
+        values = sparse.csr_matrix(matrix)[:, columns].toarray().astype(np.float32)
+        _check_values(values, what, normalized=True)
+        expression = values
+    else:
+        counts, all_genes = get_counts(adata, layer, name=what)
+        columns = _panel_columns(genes, all_genes, what)
+        library = np.asarray(counts.sum(axis=1)).ravel()
+        expression = log_normalize(counts[:, columns], library, target_sum)
+    if mpp is None:
+        diameter_px = spot_diameter_px(adata)
+        if diameter_px:
+            from bundle.geometry import VISIUM_SPOT_DIAMETER_UM
+
+            mpp = VISIUM_SPOT_DIAMETER_UM / diameter_px
+    positions_um = None
+    if "spatial" in adata.obsm and mpp is not None:
+        positions_um = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2] * float(mpp)
+    if "array_row" in adata.obs and "array_col" in adata.obs:
+        neighbors = hex_neighbors(np.asarray(adata.obs["array_row"]), np.asarray(adata.obs["array_col"]))
+    else:
+        neighbors = _neighbors_from_positions(positions_um)
+    return ids, expression, neighbors, positions_um
+
+
+def _read_csv_spots(
+    path: Path, genes: list[str], target_sum: float, normalized: bool, what: str
+) -> tuple[list[str], np.ndarray, np.ndarray | None, np.ndarray | None, str | None]:
+    """Ids, expression, neighbours, positions and sample of a CSV/TSV with one spot a row and one gene a column."""
+    import pandas as pd
+
+    from bundle.geometry import hex_neighbors
+    from bundle.io.spots import log_normalize
+
+    sep = "\t" if path.suffix.lower() in (".tsv", ".txt") or path.name.lower().endswith(".tsv.gz") else ","
+    table = pd.read_csv(path, sep=sep)
+    if table.empty:
+        raise ValueError(f"{what} holds no spot (rows = spots, columns = genes).")
+    columns = [str(c) for c in table.columns]
+    table.columns = columns
+    id_column = next((c for c in CSV_ID_COLUMNS if c in columns), None)
+    first = columns[0]
+    if id_column is None and (first.startswith("Unnamed") or not first or table[first].dtype == object):
+        id_column = first  # the index column pandas writes (to_csv) or another leading name column
+    if id_column is None:
+        logger.info(f"{what} has no spot id column ({'/'.join(CSV_ID_COLUMNS)}): spots are named by their row number.")
+        ids = [str(i) for i in range(len(table))]
+    else:
+        ids = _unique_ids(table[id_column].tolist(), what)
+    meta = {c: table[c] for c in CSV_META_COLUMNS if c in columns}
+    if "in_tissue" in meta and (meta["in_tissue"].to_numpy() == 0).any():
+        keep = meta["in_tissue"].to_numpy() != 0
+        logger.info(f"{what}: using the {int(keep.sum())} of {len(table)} spots with in_tissue != 0.")
+        table = table[keep].reset_index(drop=True)
+        ids = [i for i, k in zip(ids, keep) if k]
+        meta = {c: table[c] for c in meta}
+    gene_columns = [c for c in columns if c != id_column and c not in CSV_META_COLUMNS]
+    non_numeric = [c for c in gene_columns if not pd.api.types.is_numeric_dtype(table[c])]
+    if non_numeric:
+        raise ValueError(
+            f"{what} has non-numeric columns {non_numeric[:10]}: apart from the spot id column "
+            f"({'/'.join(CSV_ID_COLUMNS)} or the first column) and {', '.join(CSV_META_COLUMNS)}, every column must be "
+            "a gene holding numbers."
+        )
+    panel = _panel_columns(genes, gene_columns, what)
+    values = table[gene_columns].to_numpy(dtype=np.float64)
+    _check_values(values, what, normalized)
+    if normalized:
+        expression = values[:, panel].astype(np.float32)
+    else:
+        if "total_counts" in meta:
+            library = meta["total_counts"].to_numpy(dtype=np.float64)
+        else:
+            library = values.sum(axis=1)
+            if set(gene_columns) <= set(genes):
+                logger.warning(
+                    f"{what} holds only panel genes and no total_counts column: the library size is their sum, but "
+                    "the model was trained with the total over all measured genes. Add a total_counts column (or all "
+                    "genes)."
+                )
+        expression = log_normalize(values[:, panel], library, target_sum)
+    positions_um = None
+    if "x_um" in meta and "y_um" in meta:
+        positions_um = np.stack([meta["x_um"].to_numpy(np.float64), meta["y_um"].to_numpy(np.float64)], axis=1)
+    if "array_row" in meta and "array_col" in meta:
+        neighbors = hex_neighbors(meta["array_row"].to_numpy(), meta["array_col"].to_numpy())
+    else:
+        neighbors = _neighbors_from_positions(positions_um)
+    samples = meta["sample"].astype(str).unique().tolist() if "sample" in meta else []
+    if len(samples) > 1:
+        raise ValueError(f"{what} mixes the samples {samples[:5]}; give one sample (capture area) per file.")
+    return ids, expression, neighbors, positions_um, (samples[0] if samples else None)
+
+
+def read_spots(
+    path: str | os.PathLike,
+    genes: Sequence[str],
+    normalization: Mapping[str, Any] | None = None,
+    layer: str | None = None,
+    normalized: bool = False,
+    mpp: float | None = None,
+    sample: str | None = None,
+) -> SpotExpression:
+    """Read spots' expression and normalise it the way the model's training data was normalised.
+
+    Inputs:
+
+    - a Space Ranger ``outs/`` folder (``filtered_feature_bc_matrix.h5`` + ``spatial/``): raw counts; neighbours
+      from ``array_row``/``array_col``; positions from the full-resolution pixel coordinates;
+    - an ``.h5ad`` file: raw counts in ``layer``, else ``adata.raw``, else ``X``; neighbours from
+      ``obs["array_row"/"array_col"]`` when present, else from positions; positions from ``obsm["spatial"]``;
+    - a CSV (``.csv``, or tab-separated ``.tsv``/``.txt``): one spot a row, one gene a column, raw counts; the spot id
+      in a column ``spot_id``/``barcode``/``id``/``spot`` or the first column (as ``DataFrame.to_csv`` writes the
+      index); optional columns ``sample``, ``array_row``/``array_col`` (hex neighbours), ``x_um``/``y_um``
+      (positions), ``total_counts`` (library size; otherwise the sum of the gene columns, so give all measured
+      genes) and ``in_tissue``.
+
+    Raw counts are normalised as in ``prepare_dataset``: library size = the spot's total counts over all measured
+    genes, ``normalize_total(target_sum)`` then ``log1p``, then the panel genes are taken in panel order. Spots with
+    ``in_tissue == 0`` are skipped. Genes outside the panel are ignored; a missing panel gene is refused.
+
+    Args:
+        path: Space Ranger folder, ``.h5ad`` or CSV.
+        genes: the model's gene panel (``read_model_info(...)["gene_panel"]``).
+        normalization: the checkpoint's normalisation record (``{"method": "normalize_total+log1p", "target_sum":
+            ...}``).
+        layer: AnnData layer to read (None: ``adata.raw`` when present, else ``X``; with ``normalized``, ``X``).
+        normalized: the values are already ``log1p(normalize_total)`` with the model's target sum (used as they are).
+        mpp: micrometres per full-resolution pixel of ``obsm["spatial"]``; None derives it from the 55 um Visium
+            spot diameter in the scale factors (``spot_diameter_fullres``) when they are there.
+        sample: sample name (defaults to the Space Ranger library id, the CSV's ``sample`` column or the file name).
+
+    Returns:
+        A :class:`SpotExpression`.
+    """
+    path = Path(path)
+    genes = [str(g) for g in genes]
+    if isinstance(normalized, str):  # a command-line value such as "false"
+        normalized = normalized.strip().lower() in ("1", "true", "yes", "on")
+    if not genes:
+        raise ValueError("the gene panel is empty; read it from the model checkpoint (read_model_info).")
+    target_sum = _target_sum(normalization)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"input {str(path)!r} does not exist: give a Space Ranger outs/ folder, an .h5ad file or a CSV of spots x "
+            "genes."
+        )
+    if path.is_dir() or path.suffix.lower() == ".h5ad":
+        if path.is_dir():
+            from bundle.io.spots import read_spaceranger
+
+            what = f"Space Ranger folder {str(path)!r}"
+            adata = read_spaceranger(path)
+        else:
+            import anndata
+
+            what = f"h5ad file {str(path)!r}"
+            adata = anndata.read_h5ad(path)
+            adata.var_names_make_unique()
+        ids, expression, neighbors, positions_um = _read_anndata_spots(
+            adata, genes, target_sum, layer, normalized, mpp, what
+        )
+        default_sample = _anndata_sample(adata, path)
+    elif path.suffix.lower() in (".csv", ".tsv", ".txt", ".gz"):
+        what = f"CSV file {str(path)!r}"
+        ids, expression, neighbors, positions_um, csv_sample = _read_csv_spots(
+            path, genes, target_sum, normalized, what
+        )
+        default_sample = csv_sample or path.name.split(".")[0]
+    else:
+        raise ValueError(
+            f"cannot read {str(path)!r}: give a Space Ranger outs/ folder, an .h5ad file or a .csv/.tsv of spots x "
+            "genes."
+        )
+    return SpotExpression(
+        ids=ids,
+        expression=np.ascontiguousarray(expression, dtype=np.float32),
+        neighbors=None if neighbors is None else np.asarray(neighbors, dtype=np.int64),
+        positions_um=positions_um,
+        sample=str(sample or default_sample),
+        genes=genes,
+        source=str(path),
+    )

@@ -1,0 +1,144 @@
+"""What the tests share: paths, the real-data folder, and one definition of the tiny networks every test trains.
+
+In the spirit of diffusers' ``get_dummy_components``: tests build their networks here (or override the bundle configs
+with :data:`TINY_TRAIN`), so that changing a tiny setting happens in one place. Test modules import from here, never
+from each other.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+REALDATA = Path(os.environ.get("ST_LDM_REALDATA", ROOT.parent / "shared" / "realdata"))
+
+
+def realdata(*parts: str) -> Path:
+    """Path of a file in the shared real-data folder; skips the test (with the reason) when it is absent."""
+    path = REALDATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real test file {path} is absent (set ST_LDM_REALDATA to the shared realdata folder)")
+    return path
+
+
+# stage 1: a one-downsampling KL autoencoder (x2), 3 latent channels, no attention
+TINY_AUTOENCODER = {
+    "spatial_dims": 2,
+    "in_channels": 3,
+    "out_channels": 3,
+    "channels": [8, 8],
+    "latent_channels": 3,
+    "num_res_blocks": 1,
+    "attention_levels": [False, False],
+    "norm_num_groups": 4,
+    "with_encoder_nonlocal_attn": False,
+    "with_decoder_nonlocal_attn": False,
+}
+# stage 2: a two-level UNet with cross-attention at the second level
+TINY_UNET = {
+    "spatial_dims": 2,
+    "channels": [8, 8],
+    "attention_levels": [False, True],
+    "num_head_channels": [0, 8],
+    "num_res_blocks": 1,
+    "norm_num_groups": 8,
+    "transformer_num_layers": 1,
+}
+TINY_CROSS_ATTENTION_DIM = 16
+TINY_GENE_ENCODER = {"num_tokens": 2, "hidden_dim": 32, "num_layers": 2}
+
+# overrides of configs/train.json (and the inference/evaluation configs) for a run of seconds
+TINY_TRAIN = {
+    "patch_size": 32,
+    "patch_fov_um": 64.0,
+    "num_workers": 0,
+    "cache_rate": 1.0,
+    "batch_size": 4,
+    "val_batch_size": 16,
+    "num_sample_spots": 4,
+    "autoencoder_kwargs": TINY_AUTOENCODER,
+    "discriminator_kwargs": {"channels": 8, "num_layers_d": 1},
+    "autoencoder_iterations": 4,
+    "autoencoder_epoch_length": 2,
+    "adv_start_iteration": 2,
+    "cross_attention_dim": TINY_CROSS_ATTENTION_DIM,
+    "num_context_tokens": TINY_GENE_ENCODER["num_tokens"],
+    "gene_encoder_hidden_dim": TINY_GENE_ENCODER["hidden_dim"],
+    "unet_kwargs": TINY_UNET,
+    "num_iterations": 4,
+    "epoch_length": 2,
+    "warmup_iterations": 1,
+    "sample_interval": 2,
+    "num_inference_steps": 2,
+}
+
+
+def tiny_train_overrides(**changes) -> dict:
+    """A deep copy of :data:`TINY_TRAIN` with ``changes`` applied (tests may mutate what they get)."""
+    return {**copy.deepcopy(TINY_TRAIN), **copy.deepcopy(changes)}
+
+
+def tiny_autoencoder(seed: int = 0, **changes) -> AutoencoderKL:
+    """The tiny stage-1 autoencoder (``changes`` override :data:`TINY_AUTOENCODER`), seeded."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(**{**TINY_AUTOENCODER, **changes})
+
+
+def randomize_zero_init(module: torch.nn.Module, std: float = 0.1) -> None:
+    """Give weights to the layers MONAI zero-initialises.
+
+    A fresh ``DiffusionModelUNet`` outputs exactly 0 and ignores its context: the output convolution, every resnet
+    block's second convolution and every ``SpatialTransformer``'s ``proj_out`` start at zero.
+    """
+    with torch.no_grad():
+        for param in module.parameters():
+            if not param.any():
+                param.normal_(std=std)
+
+
+def tiny_unet(in_channels: int = 3, cross_attention_dim: int | None = TINY_CROSS_ATTENTION_DIM, **changes):
+    """The tiny stage-2 UNet (``changes`` override :data:`TINY_UNET`); no conditioning when the dim is None."""
+    return DiffusionModelUNet(
+        in_channels=in_channels,
+        out_channels=in_channels,
+        with_conditioning=cross_attention_dim is not None,
+        cross_attention_dim=cross_attention_dim,
+        **{**TINY_UNET, **changes},
+    )
+
+
+def tiny_network(
+    num_genes: int, num_neighbors: int = 0, latent_channels: int = 3, seed: int = 0, randomize: bool = False, **changes
+):
+    """The tiny GeneCondNet-conditioned UNet; ``randomize`` fills MONAI's zero-initialised layers (outputs depend on
+    the condition from the first step)."""
+    from bundle.networks import GeneConditionedUNet, GeneCondNet
+
+    torch.manual_seed(seed)
+    encoder = GeneCondNet(
+        num_genes, TINY_CROSS_ATTENTION_DIM, num_neighbors=num_neighbors, **{**TINY_GENE_ENCODER, **changes}
+    )
+    network = GeneConditionedUNet(encoder, tiny_unet(latent_channels))
+    if randomize:
+        randomize_zero_init(network)
+    return network
+
+
+def tiny_architecture(num_neighbors: int = 6) -> dict:
+    """The ``architecture`` entry a tiny training run records in ``models/model.pt``."""
+    return {
+        "unet_kwargs": TINY_UNET,
+        "cross_attention_dim": TINY_CROSS_ATTENTION_DIM,
+        "num_context_tokens": TINY_GENE_ENCODER["num_tokens"],
+        "gene_encoder_hidden_dim": TINY_GENE_ENCODER["hidden_dim"],
+        "gene_encoder_num_layers": TINY_GENE_ENCODER["num_layers"],
+        "add_condition_to_time_embedding": True,
+        "num_neighbors": num_neighbors,
+    }
