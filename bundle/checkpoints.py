@@ -1,5 +1,6 @@
 """Checkpoints of this bundle: ``models/model.pt`` (EMA weights, gene panel, architecture) save/load, the model's
-recorded settings, and the newest resumable training checkpoint of a folder.
+recorded settings, the newest resumable training checkpoint of a folder, and strict state-dict loading that names
+the weights that do not fit (shared with the autoencoder checkpoints).
 
 Every checkpoint is read with ``torch.load(..., weights_only=True)`` and written atomically.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,50 @@ def save_model(
     return Path(path)
 
 
+def summarize_keys(keys: Sequence[str], limit: int = 8) -> str:
+    """The first ``limit`` of ``keys`` in sorted order, then how many more there are, for error messages."""
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f" ... and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], what: str, kwargs: Any) -> None:
+    """``model.load_state_dict(state, strict=True)`` with an error that names the keys that do not fit.
+
+    Args:
+        model: the network to load into.
+        state: the state dict of a checkpoint.
+        what: name of the checkpoint, for the message.
+        kwargs: the network settings the checkpoint records, for the message.
+
+    Raises:
+        ValueError: naming the weights missing from the checkpoint, those not in the network and those of another
+            shape.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} (network {tuple(own[k].shape)}, checkpoint {tuple(state[k].shape)})"
+        for k in own
+        if k in state and tuple(own[k].shape) != tuple(state[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing from the checkpoint: {summarize_keys(missing)}")
+    if unexpected:
+        problems.append(f"not in the network: {summarize_keys(unexpected)}")
+    if shapes:
+        problems.append(f"different shapes: {summarize_keys(shapes, 4)}")
+    if problems:
+        raise ValueError(
+            f"the network does not match {what}: {'; '.join(problems)}. The config's network settings must "
+            f"match the ones the checkpoint was saved with ({kwargs}); for the autoencoder, build it from "
+            f"the checkpoint with load_autoencoder_checkpoint(path) (autoencoder=None)."
+        )
+    model.load_state_dict(state, strict=True)
+
+
 def load_model(
     path: str | os.PathLike,
     network: nn.Module,
@@ -99,7 +144,6 @@ def load_model(
     Returns:
         the checkpoint's other entries (``gene_panel``, ``scale_factor``, ...).
     """
-    from bundle.autoencoder import _load_state_strict
     from bundle.io.gene_panel import check_gene_panel
 
     path = Path(path)
@@ -119,7 +163,7 @@ def load_model(
                 f"{str(path)!r} was trained with other network settings than the config's ({details}). Use the "
                 "config the model was trained with (for the demo model add configs/demo.json to --config_file)."
             )
-    _load_state_strict(unwrap_network(network), state["network"], f"model checkpoint {str(path)!r}", recorded)
+    load_state_strict(unwrap_network(network), state["network"], f"model checkpoint {str(path)!r}", recorded)
     return {k: v for k, v in state.items() if k != "network"}
 
 

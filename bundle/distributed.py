@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-__all__ = ["backend", "is_distributed", "rank", "world_size", "rank0_first"]
+__all__ = ["backend", "barrier", "is_distributed", "rank", "world_size", "rank0_first"]
 
 T = TypeVar("T")
 
@@ -53,3 +53,9 @@ def rank0_first(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return result
     dist.barrier()
     return fn(*args, **kwargs)
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (a no-op without a process group). Must be called on every rank."""
+    if is_distributed():
+        dist.barrier()

@@ -1,4 +1,4 @@
-"""Spot geometry: array lattices, neighbours, pitch and the one (x, y) <-> (row, column) conversion.
+"""Spot geometry: the Visium lattice constants, neighbours, pitch and the one (x, y) <-> (row, column) conversion.
 
 AnnData ``obsm["spatial"]`` and HEST hold (x, y) = (column, row) in level-0 pixels; MONAI's ``WSIReader.get_data`` takes
 (row, column): :func:`xy_to_rowcol` is the only place that converts.
@@ -13,6 +13,10 @@ import numpy as np
 # Visium hexagonal lattice: the six neighbours of (row, col) in array coordinates
 HEX_OFFSETS = ((0, -2), (0, 2), (-1, -1), (-1, 1), (1, -1), (1, 1))
 VISIUM_SPOT_DIAMETER_UM = 55.0
+# centre-to-centre distance of neighbouring Visium spots
+VISIUM_PITCH_UM = 100.0
+# without array coordinates, spots closer than this many pitches are neighbours
+NEIGHBOR_RADIUS_PITCHES = 1.25
 
 
 def hex_neighbors(array_row: np.ndarray, array_col: np.ndarray) -> np.ndarray:
@@ -42,6 +46,24 @@ def radius_neighbors(xy: np.ndarray, radius: float, k: int = 6) -> np.ndarray:
     return out
 
 
+def spot_neighbors(
+    array_row: np.ndarray | None = None,
+    array_col: np.ndarray | None = None,
+    xy: np.ndarray | None = None,
+    radius: float | None = None,
+) -> np.ndarray | None:
+    """Each spot's neighbours ``(N, 6)``, ``-1`` where there is none, from whatever locates the spots.
+
+    The hex lattice (:func:`hex_neighbors`) when array coordinates are given, else the up to 6 nearest spots within
+    ``radius`` of the positions ``xy`` (:func:`radius_neighbors`, same units), else None.
+    """
+    if array_row is not None and array_col is not None:
+        return hex_neighbors(array_row, array_col)
+    if xy is None:
+        return None
+    return radius_neighbors(xy, radius=radius)
+
+
 def xy_to_rowcol(location_xy: Sequence[float] | np.ndarray) -> tuple[float, float]:
     """Convert a spot centre from ``(x, y)`` to ``(row, column)``.
 
@@ -64,9 +86,6 @@ def xy_to_rowcol(location_xy: Sequence[float] | np.ndarray) -> tuple[float, floa
 def rowcol_to_xy(location_rowcol: Sequence[float] | np.ndarray) -> tuple[float, float]:
     """Inverse of :func:`xy_to_rowcol`: ``(row, column)`` to ``(x, y)``."""
     return xy_to_rowcol(location_rowcol)  # swapping the pair is its own inverse
-
-
-VISIUM_PITCH_UM = 100.0
 
 
 def estimate_spot_pitch(positions_um: np.ndarray) -> float:

@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from monai.engines.utils import IterationEvents
 from torch import nn
@@ -128,8 +127,9 @@ class SampleGridHandler:
     """Every ``interval`` iterations, generate patches for fixed validation spots and save them next to the real ones.
 
     The grid has two rows per group of spots: real patches on top, generated ones (same spots, fixed seed) below.
-    It is written as ``<output_dir>/samples/grid_iter<iteration>.png`` (and ``grid_latest.png``) and logged as an
-    MLflow artifact when an ``mlflow_handler`` with an open run is given.
+    It is written as ``<output_dir>/samples/grid_iter<iteration>.png`` (and ``grid_latest.png``) and, when a tracking
+    URI is given, logged as an artifact of the open MLflow run named ``run_name`` (the run the stage's
+    ``MLFlowHandler`` opened: the configs pass the same ``tracking_uri``, ``experiment_name`` and ``run_name`` ids).
 
     Args:
         sampler: callable ``sampler(condition, generator=...) -> (B, 3, H, W)`` images in [0, 1]
@@ -139,7 +139,9 @@ class SampleGridHandler:
         output_dir: folder for ``samples/``.
         interval: iterations between grids. Defaults to 500.
         seed: seed of the sampling generator (same seed, same grid for the same weights). Defaults to 0.
-        mlflow_handler: a ``monai.handlers.MLFlowHandler`` whose run receives the PNGs.
+        tracking_uri: MLflow tracking URI; None logs nothing.
+        experiment_name: MLflow experiment of the run.
+        run_name: name of the run that receives the PNGs (the most recent unfinished run of that name).
         columns: spots per row. Defaults to 8.
     """
 
@@ -151,14 +153,17 @@ class SampleGridHandler:
         output_dir: str | os.PathLike,
         interval: int = 500,
         seed: int = 0,
-        mlflow_handler: Any = None,
+        tracking_uri: str | None = None,
+        experiment_name: str = "st_ldm",
+        run_name: str | None = None,
         columns: int = 8,
     ) -> None:
         if interval < 1:
             raise ValueError(f"interval must be >= 1 iteration, got {interval}.")
         self.sampler, self.images, self.condition = sampler, images, condition
         self.output_dir = Path(output_dir) / "samples"
-        self.interval, self.seed, self.mlflow_handler, self.columns = interval, seed, mlflow_handler, columns
+        self.interval, self.seed, self.columns = interval, seed, columns
+        self.tracking_uri, self.experiment_name, self.run_name = tracking_uri, experiment_name, run_name
         self.last_path: Path | None = None
 
     def attach(self, engine) -> None:
@@ -180,33 +185,31 @@ class SampleGridHandler:
         with atomic_path(self.output_dir / "grid_latest.png") as tmp:
             shutil.copyfile(path, tmp)
         self.last_path = path
-        handler = self.mlflow_handler
-        if handler is not None and getattr(handler, "cur_run", None) is not None:
-            handler.client.log_artifact(handler.cur_run.info.run_id, str(path), artifact_path="samples")
+        self._log_artifact(path)
         return path
+
+    def _log_artifact(self, path: Path) -> None:
+        """Log ``path`` into the open MLflow run named ``run_name``, found the way ``MLFlowHandler`` finds it."""
+        if self.tracking_uri is None or self.run_name is None:
+            return
+        from mlflow import MlflowClient
+        from mlflow.entities import RunStatus
+
+        client = MlflowClient(self.tracking_uri)
+        experiment = client.get_experiment_by_name(self.experiment_name)
+        if experiment is None:
+            return
+        runs = [r for r in client.search_runs(experiment.experiment_id) if r.info.run_name == self.run_name]
+        runs = [r for r in runs if r.info.status == RunStatus.to_string(RunStatus.RUNNING)]
+        if runs:
+            client.log_artifact(runs[0].info.run_id, str(path), artifact_path="samples")
 
 
 def save_pair_grid(real: torch.Tensor, generated: torch.Tensor, path: str | os.PathLike, columns: int = 8) -> Path:
     """Save real (top) and generated (below) ``(B, 3, H, W)`` [0, 1] patches as one PNG grid, atomically."""
-    from PIL import Image
+    from bundle.sampling.grids import pair_rows, save_image_grid
 
-    if real.shape != generated.shape:
-        raise ValueError(f"real {tuple(real.shape)} and generated {tuple(generated.shape)} patches differ in shape.")
-    b, _, h, w = real.shape
-    columns = max(1, min(columns, b))
-    groups = -(-b // columns)
-    gap = 2
-    canvas = np.full((groups * (2 * h + gap) + (groups - 1) * 2 * gap, columns * (w + gap) - gap, 3), 255, np.uint8)
-    for i in range(b):
-        g, c = divmod(i, columns)
-        top = g * (2 * h + 3 * gap)
-        left = c * (w + gap)
-        for k, batch in enumerate((real, generated)):
-            tile = (batch[i].permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
-            canvas[top + k * (h + gap) : top + k * (h + gap) + h, left : left + w] = tile
-    with atomic_path(path, suffix=".png") as tmp:
-        Image.fromarray(canvas).save(tmp, format="PNG")
-    return Path(path)
+    return save_image_grid(pair_rows(real, generated, columns), path, rows_per_group=2)
 
 
 class ProgressBar:

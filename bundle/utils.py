@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -128,3 +128,17 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     return str(value)
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(temporary_path)`` for a temporary file beside ``path``, then rename it over ``path``.
+
+    The file gets the permissions of any newly created file (``0o666`` less the umask), not the private ones of the
+    temporary file, so a shared demo folder stays readable.
+    """
+    with atomic_path(path) as tmp:
+        write(str(tmp))
+        mask = os.umask(0o022)  # read the umask by setting it and setting it back
+        os.umask(mask)
+        tmp.chmod(0o666 & ~mask)
+    return Path(path)

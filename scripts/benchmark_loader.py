@@ -47,7 +47,7 @@ def raw_reader(backend: str, path: str, locations_xy: np.ndarray, size: int) -> 
                 np.asarray(array[int(y) - half : int(y) - half + size, int(x) - half : int(x) - half + size])
 
 
-def run_loader(dataset, workers: int, batch_size: int = 16) -> None:
+def run_loader(dataset, workers: int, batch_size: int = 16):
     from monai.data import DataLoader
 
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0)

@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bundle.profiling import PeakMemory, sync  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bundle.profiling import PeakMemory, sync  # noqa: E402
 
 
 def build_pipeline(config_files: list[str], overrides: dict, device: torch.device, num_genes: int = 128):

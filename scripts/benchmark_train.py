@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bundle.profiling import sync  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bundle.profiling import PeakMemory, sync  # noqa: E402
 
 
 def load_config(root: Path, demo: bool, overrides: dict | None = None):
@@ -175,8 +175,6 @@ def time_steps_interleaved(steps: dict, device, n: int, warmup: int, rounds: int
 
 
 def _memory_child(root: str, demo: bool, kind: str, ckpt: str | None, steps: int, queue) -> None:
-    from bundle.profiling import PeakMemory
-
     parser = load_config(Path(root), demo)
     parser.get_parsed_content("num_genes")  # reads the gene panel before the baseline
     with PeakMemory("cpu") as memory:
@@ -206,15 +204,12 @@ def run_step_benchmark(
     for kind, (step, info) in built.items():
         row = {"kind": kind, "sec": secs[kind], **info}
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            sync(device)
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() / 2**20
-            row["peak"], row["peak_delta"] = peak, peak - base / 2**20
+            with PeakMemory(device) as memory:
+                for _ in range(3):
+                    step()
+            row["peak"], row["peak_delta"] = memory.peak_mib, memory.delta_mib
         rows.append(row)
     del built
     if device.type != "cuda":

@@ -35,7 +35,9 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -269,129 +271,177 @@ def fmt(x: torch.Tensor) -> str:
     return f"{per_spot.mean():.4f} ± {per_spot.std() / math.sqrt(len(per_spot)):.4f}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser_ = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser_.add_argument("--root", default=str(ROOT), help="bundle root (configs/, datasets/demo, models/)")
-    parser_.add_argument("--autoencoder", default=None, help="default: <root>/models/autoencoder.pt")
-    parser_.add_argument("--iterations", type=int, default=600)
-    parser_.add_argument("--batch-size", type=int, default=32)
-    parser_.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser_.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser_.add_argument(
-        "--eval-repeats", type=int, default=8, help="fixed (noise, timestep) draws per validation spot"
-    )
-    parser_.add_argument("--p-uncond", type=float, default=0.1)
-    parser_.add_argument("--agreement", action="store_true", help="also sample and classify compartments")
-    parser_.add_argument("--sample-steps", type=int, default=25)
-    parser_.add_argument("--json", default=None, help="write all results to this JSON file")
-    args = parser_.parse_args(argv)
+@dataclass
+class DemoData:
+    """The demo dataset encoded once and shared by every run: latents, conditions and compartments of both splits."""
 
+    parser: Any
+    scale: float
+    num_train: int
+    num_val: int
+    train_lat: torch.Tensor
+    val_lat: torch.Tensor
+    train_cond: torch.Tensor
+    val_cond: torch.Tensor
+    train_lab: list[str]
+    val_lab: list[str]
+    partner: torch.Tensor
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default=str(ROOT), help="bundle root (configs/, datasets/demo, models/)")
+    parser.add_argument("--autoencoder", default=None, help="default: <root>/models/autoencoder.pt")
+    parser.add_argument("--iterations", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--eval-repeats", type=int, default=8, help="fixed (noise, timestep) draws per validation spot")
+    parser.add_argument("--p-uncond", type=float, default=0.1)
+    parser.add_argument("--agreement", action="store_true", help="also sample and classify compartments")
+    parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument("--json", default=None, help="write all results to this JSON file")
+    return parser.parse_args(argv)
+
+
+def prepare_data(root: Path, autoencoder_path: str | None) -> DemoData:
+    """Read the config and the demo dataset and encode both splits with the trained autoencoder."""
     from bundle.autoencoder import load_autoencoder_checkpoint
 
-    root = Path(args.root)
     t0 = time.perf_counter()
     parser = load_config(root)
     dataset_dir = Path(parser.get_parsed_content("dataset_dir"))
     datalist = json.loads((dataset_dir / "datalist.json").read_text())
     train_list, val_list = datalist["training"], datalist["validation"]
     expression = np.load(dataset_dir / "expression.npy")
-    autoencoder, scale = load_autoencoder_checkpoint(args.autoencoder or root / "models/autoencoder.pt", None)
+    autoencoder, scale = load_autoencoder_checkpoint(autoencoder_path or root / "models/autoencoder.pt", None)
     autoencoder.eval()
     torch.manual_seed(0)
     train_lat = encode_split(parser, train_list, autoencoder, scale)
     val_lat = encode_split(parser, val_list, autoencoder, scale)
-    train_cond, val_cond = conditions(train_list, expression), conditions(val_list, expression)
-    train_lab, val_lab = compartments(root, train_list), compartments(root, val_list)
-    partner = wrong_partner(val_lab, 0)
+    val_lab = compartments(root, val_list)
+    data = DemoData(
+        parser=parser,
+        scale=scale,
+        num_train=len(train_list),
+        num_val=len(val_list),
+        train_lat=train_lat,
+        val_lat=val_lat,
+        train_cond=conditions(train_list, expression),
+        val_cond=conditions(val_list, expression),
+        train_lab=compartments(root, train_list),
+        val_lab=val_lab,
+        partner=wrong_partner(val_lab, 0),
+    )
     print(
         f"latents: train {tuple(train_lat.shape)}, val {tuple(val_lat.shape)} (scale factor {scale:.4f}), "
         f"encoded in {time.perf_counter() - t0:.0f} s",
         flush=True,
     )
     print("val compartments:", {k: val_lab.count(k) for k in sorted(set(val_lab))}, flush=True)
+    return data
 
-    classifier = None
-    if args.agreement:
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
 
-        classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.1))
-        classifier.fit(latent_features(train_lat), train_lab)
-        real_acc = float((classifier.predict(latent_features(val_lat)) == np.asarray(val_lab)).mean())
-        print(f"classifier on real validation latents: accuracy {real_acc:.3f}", flush=True)
+def fit_compartment_classifier(data: DemoData) -> tuple[Any, float]:
+    """Logistic regression of the compartment on real training latents, and its accuracy on real validation ones."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
-    results = {"args": vars(args), "scale_factor": scale, "runs": []}
-    if classifier is not None:
-        results["classifier_real_val_accuracy"] = real_acc
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.1))
+    classifier.fit(latent_features(data.train_lat), data.train_lab)
+    real_acc = float((classifier.predict(latent_features(data.val_lat)) == np.asarray(data.val_lab)).mean())
+    print(f"classifier on real validation latents: accuracy {real_acc:.3f}", flush=True)
+    return classifier, real_acc
+
+
+def run_variant(data: DemoData, variant: str, schedule: dict, seed: int, args, classifier) -> dict:
+    """Train one condition encoder, evaluate it on the validation slide and, with a classifier, sample and score
+    the compartment agreement."""
+    parser = data.parser
     num_t = int(parser["num_train_timesteps"])
-    for seed in args.seeds:
-        schedule = make_schedule(
-            len(train_list), args.iterations, args.batch_size, num_t, train_lat.shape[1:], seed, args.p_uncond
+    net, scheduler, seconds, final_loss = train(
+        parser, variant, data.train_lat, data.train_cond, schedule, args.iterations, seed
+    )
+    losses, t_all = evaluate(
+        net, scheduler, variant, data.val_lat, data.val_cond, data.partner, args.eval_repeats, seed
+    )
+    run = {
+        "variant": variant,
+        "seed": seed,
+        "train_seconds": seconds,
+        "train_loss_last100": final_loss,
+        "encoder_parameters": sum(p.numel() for p in net.gene_encoder.parameters()),
+        "val": {k: float(v.mean()) for k, v in losses.items()},
+        "val_fmt": {k: fmt(v) for k, v in losses.items()},
+        "gap_wrong": fmt(losses["wrong"] - losses["true"]),
+        "gap_null": fmt(losses["null"] - losses["true"]),
+        "gap_wrong_by_t": {},
+    }
+    for lo, hi in ((0, 333), (333, 666), (666, num_t)):
+        m = (t_all >= lo) & (t_all < hi)
+        run["gap_wrong_by_t"][f"{lo}-{hi}"] = float((losses["wrong"] - losses["true"])[m].mean())
+    if classifier is not None:
+        guidance = float(parser["guidance_scale"])
+        gen = sample_latents(
+            net, parser, variant, data.val_cond, data.val_lat.shape[1:], seed, args.sample_steps, guidance
         )
-        for variant in args.variants:
-            net, scheduler, seconds, final_loss = train(
-                parser, variant, train_lat, train_cond, schedule, args.iterations, seed
-            )
-            losses, t_all = evaluate(net, scheduler, variant, val_lat, val_cond, partner, args.eval_repeats, seed)
-            n_params = sum(p.numel() for p in net.gene_encoder.parameters())
-            run = {
-                "variant": variant,
-                "seed": seed,
-                "train_seconds": seconds,
-                "train_loss_last100": final_loss,
-                "encoder_parameters": n_params,
-                "val": {k: float(v.mean()) for k, v in losses.items()},
-                "val_fmt": {k: fmt(v) for k, v in losses.items()},
-                "gap_wrong": fmt(losses["wrong"] - losses["true"]),
-                "gap_null": fmt(losses["null"] - losses["true"]),
-                "gap_wrong_by_t": {},
-            }
-            for lo, hi in ((0, 333), (333, 666), (666, num_t)):
-                m = (t_all >= lo) & (t_all < hi)
-                run["gap_wrong_by_t"][f"{lo}-{hi}"] = float((losses["wrong"] - losses["true"])[m].mean())
-            if classifier is not None:
-                gen = sample_latents(
-                    net,
-                    parser,
-                    variant,
-                    val_cond,
-                    val_lat.shape[1:],
-                    seed,
-                    args.sample_steps,
-                    float(parser["guidance_scale"]),
-                )
-                pred = classifier.predict(latent_features(gen))
-                run["agreement"] = float((pred == np.asarray(val_lab)).mean())
-            print(json.dumps(run), flush=True)
-            results["runs"].append(run)
+        run["agreement"] = float((classifier.predict(latent_features(gen)) == np.asarray(data.val_lab)).mean())
+    return run
 
+
+def print_table(results: dict, data: DemoData, args, real_acc: float | None) -> None:
+    """The runs as a Markdown table, with the classifier's ceiling and chance level when agreement was measured."""
+    agreement = real_acc is not None
     print(
         f"\n{args.iterations} iterations, batch {args.batch_size}, seeds {args.seeds}; validation slide: "
-        f"{len(val_list)} spots x {args.eval_repeats} fixed (noise, t) draws; mean ± s.e. over spots\n"
+        f"{data.num_val} spots x {args.eval_repeats} fixed (noise, t) draws; mean ± s.e. over spots\n"
     )
     head = (
         "| encoder | seed | encoder params | val loss, true | wrong compartment | null | gap wrong - true "
         "| gap null - true | wrong - true by t (0-333 / 333-666 / 666-1000) |"
     )
-    if classifier is not None:
+    if agreement:
         head += " compartment agreement |"
     print(head)
     print("|---" * (head.count("|") - 1) + "|")
     for r in results["runs"]:
         bt = " / ".join(f"{v:.4f}" for v in r["gap_wrong_by_t"].values())
         line = (
-            f"| {r['variant']} | {r['seed']} | {r['encoder_parameters']:,} | {r['val_fmt']['true']} | {r['val_fmt']['wrong']} | "
-            f"{r['val_fmt']['null']} | {r['gap_wrong']} | {r['gap_null']} | {bt} |"
+            f"| {r['variant']} | {r['seed']} | {r['encoder_parameters']:,} | {r['val_fmt']['true']} | "
+            f"{r['val_fmt']['wrong']} | {r['val_fmt']['null']} | {r['gap_wrong']} | {r['gap_null']} | {bt} |"
         )
-        if classifier is not None:
+        if agreement:
             line += f" {r['agreement']:.3f} |"
         print(line)
-    if classifier is not None:
+    if agreement:
+        val_lab = data.val_lab
         print(
             f"\nclassifier accuracy on real validation latents (ceiling): {real_acc:.3f}; "
             f"chance (majority class): {max(val_lab.count(k) for k in set(val_lab)) / len(val_lab):.3f}"
         )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    data = prepare_data(Path(args.root), args.autoencoder)
+    classifier, real_acc = fit_compartment_classifier(data) if args.agreement else (None, None)
+
+    results = {"args": vars(args), "scale_factor": data.scale, "runs": []}
+    if classifier is not None:
+        results["classifier_real_val_accuracy"] = real_acc
+    num_t = int(data.parser["num_train_timesteps"])
+    for seed in args.seeds:
+        schedule = make_schedule(
+            data.num_train, args.iterations, args.batch_size, num_t, data.train_lat.shape[1:], seed, args.p_uncond
+        )
+        for variant in args.variants:
+            run = run_variant(data, variant, schedule, seed, args, classifier)
+            print(json.dumps(run), flush=True)
+            results["runs"].append(run)
+
+    print_table(results, data, args, real_acc)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

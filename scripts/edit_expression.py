@@ -25,22 +25,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 
-def _edit_rows(texts: list[str]) -> list[list[str]]:
-    """``["immune*4", "a*2,b*0"]`` -> ``[["immune*4"], ["a*2", "b*0"]]`` (one grid row per ``--edit``)."""
-    rows = [[part.strip() for part in text.split(",") if part.strip()] for text in texts]
-    empty = [t for t, r in zip(texts, rows) if not r]
-    if empty:
-        raise ValueError(f"--edit {empty[0]!r} holds no edit; write e.g. --edit immune*4 or --edit 'immune*4,stroma*0'")
-    return rows
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--config-file",
@@ -67,25 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-threads", type=int, default=None, help="CPU threads (1 is fastest on a busy CPU)")
     parser.add_argument("--output", default=str(ROOT / "outputs" / "edits" / "edit_grid.png"), help="grid PNG to write")
     parser.add_argument("--no-labels", action="store_true", help="leave out the row and column labels")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
+    return parser.parse_args(argv)
 
-    from monai.bundle import ConfigParser
 
-    from bundle.sampling.edits import apply_edits, parse_edit, resolve_edit
-    from bundle.sampling.generation import (
-        build_conditions,
-        load_gene_sets,
-        save_image_grid,
-        select_spots,
-        spot_seeds,
-    )
-    from bundle.sampling.pipeline import seeded_generators
-    from bundle.utils import write_json_atomic
+def read_config(args: argparse.Namespace):
+    """The merged configs with the command line's settings (and the CPU threads set)."""
+    from bundle.sampling.generation import read_inference_config
 
-    start = time.perf_counter()
-    config = ConfigParser()
-    config.read_config([str(Path(f)) for f in args.config_file])
     overrides: dict[str, Any] = {
         "bundle_root": args.bundle_root,
         "input": args.input,
@@ -100,34 +80,57 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "gene_sets_file": args.gene_sets,
         "num_threads": args.num_threads,
+        "normalized": True if args.normalized else None,
     }
-    for key, value in overrides.items():
-        if value is not None:
-            config[key] = value
-    if args.normalized:
-        config["normalized"] = True
-
+    config = read_inference_config(args.config_file, overrides)
     num_threads = config.get_parsed_content("num_threads")
     if num_threads:
         torch.set_num_threads(int(num_threads))
+    return config
+
+
+def describe(args, config, output: Path, labels, images, spots, rows, seeds, effects) -> dict[str, Any]:
+    """The JSON written next to the grid: rows, spots and seeds, edits and their effect, settings."""
+    return {
+        "grid": output.name,
+        "rows": labels,
+        "patch_size": list(images.shape[-2:]),
+        "spots": [
+            {"spot_id": spots.ids[r], "spot_index": int(r), "seed": s, "sample": spots.sample}
+            for r, s in zip(rows, seeds)
+        ],
+        "edits": effects,
+        "seed": int(config.get_parsed_content("seed")),
+        "guidance_scale": config.get_parsed_content("guidance_scale"),
+        "num_inference_steps": int(config.get_parsed_content("num_inference_steps")),
+        "scheduler": str(config.get_parsed_content("scheduler")).lower(),
+        "model_path": str(Path(config.get_parsed_content("model_path")).resolve()),
+        "input": str(Path(spots.source).resolve()),
+        "gene_sets": args.gene_sets,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
+    from bundle.sampling.edit_grid import edit_effects, edited_genes, generate_variants, parse_edit_rows, row_labels
+    from bundle.sampling.edits import apply_edits
+    from bundle.sampling.generation import build_conditions, load_gene_sets, select_spots, spot_seeds
+    from bundle.sampling.grids import save_image_grid
+    from bundle.utils import write_json_atomic
+
+    start = time.perf_counter()
+    config = read_config(args)
     # check the edits against the panel before loading anything large
-    info = config.get_parsed_content("model_info")
-    genes = list(info["gene_panel"])
+    genes = list(config.get_parsed_content("model_info")["gene_panel"])
     gene_sets = load_gene_sets(args.gene_sets)
-    edit_rows = _edit_rows(args.edit)
-    touched = []
-    for row in edit_rows:
-        row_genes: list[str] = []
-        for text in row:
-            found = [genes[i] for i in resolve_edit(parse_edit(text), genes, gene_sets)]
-            row_genes += [g for g in found if g not in row_genes]
-        touched.append(row_genes)
+    edit_rows = parse_edit_rows(args.edit)
+    touched = edited_genes(edit_rows, genes, gene_sets)
 
     spots = config.get_parsed_content("spot_data")
     num_neighbors = int(config.get_parsed_content("num_neighbors"))
     rows = select_spots(spots, args.spots, None if args.spots else args.num_spots)
-    seed = int(config.get_parsed_content("seed"))
-    seeds = spot_seeds(seed, rows)
+    seeds = spot_seeds(int(config.get_parsed_content("seed")), rows)
     if spots.neighbors is None and num_neighbors > 0:
         logging.info(f"{spots.source} gives no spot positions: each spot stands in for its missing neighbours.")
     original = build_conditions(spots, num_neighbors, rows).numpy()
@@ -136,24 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     pipeline = config.get_parsed_content("pipeline")
     steps = int(config.get_parsed_content("num_inference_steps"))
     guidance = config.get_parsed_content("guidance_scale")
-    batch_size = max(1, int(config.get_parsed_content("batch_size")))
-    conditions = torch.from_numpy(np.concatenate(variants))
-    all_seeds = seeds * len(variants)
-    images = []
-    for first in range(0, len(conditions), batch_size):
-        chunk = slice(first, first + batch_size)
-        images.append(
-            pipeline(
-                conditions[chunk],
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                generator=seeded_generators(all_seeds[chunk]),
-            ).cpu()
-        )
-        logging.info(f"generated {min(first + batch_size, len(conditions))}/{len(conditions)} patches")
-    images = torch.cat(images).reshape(len(variants), len(rows), *images[0].shape[1:])
+    batch_size = int(config.get_parsed_content("batch_size"))
+    images = generate_variants(pipeline, variants, seeds, steps, guidance, batch_size, log=logging.info)
 
-    labels = ["original"] + [",".join(str(parse_edit(t)) for t in row) for row in edit_rows]
+    labels = row_labels(edit_rows)
     output = Path(args.output)
     save_image_grid(
         list(images),
@@ -161,38 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         row_labels=None if args.no_labels else labels,
         column_labels=None if args.no_labels else [spots.ids[r] for r in rows],
     )
-
-    def mean_of(conditions: np.ndarray, names: list[str]) -> float:
-        """Mean log-normalised value of genes ``names`` over the spots (centre spots only)."""
-        return round(float(conditions[:, 0][:, [genes.index(g) for g in names]].mean()), 4)
-
-    description = {
-        "grid": output.name,
-        "rows": labels,
-        "patch_size": list(images.shape[-2:]),
-        "spots": [
-            {"spot_id": spots.ids[r], "spot_index": int(r), "seed": s, "sample": spots.sample}
-            for r, s in zip(rows, seeds)
-        ],
-        "edits": [
-            {
-                "row": i + 1,
-                "edit": labels[i + 1],
-                "genes": touched[i],
-                "mean_log1p_before": mean_of(original, touched[i]),
-                "mean_log1p_after": mean_of(variants[i + 1], touched[i]),
-            }
-            for i in range(len(edit_rows))
-        ],
-        "seed": seed,
-        "guidance_scale": guidance,
-        "num_inference_steps": steps,
-        "scheduler": str(config.get_parsed_content("scheduler")).lower(),
-        "model_path": str(Path(config.get_parsed_content("model_path")).resolve()),
-        "input": str(Path(spots.source).resolve()),
-        "gene_sets": args.gene_sets,
-    }
-    write_json_atomic(output.with_suffix(".json"), description)
+    effects = edit_effects(labels, touched, variants, genes)
+    write_json_atomic(
+        output.with_suffix(".json"), describe(args, config, output, labels, images, spots, rows, seeds, effects)
+    )
     print(
         f"wrote {output} ({len(variants)} rows x {len(rows)} spots) and {output.with_suffix('.json').name} in "
         f"{time.perf_counter() - start:.1f} s"

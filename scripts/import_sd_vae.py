@@ -16,8 +16,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bundle.autoencoder import import_sd_vae, read_scale_factor  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing the package
 
 
@@ -30,6 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The process exit status (0 on success, 2 for a bad folder or weights).
     """
+    from bundle.autoencoder import import_sd_vae, read_scale_factor
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vae-dir", required=True, help="diffusers AutoencoderKL folder (or a pipeline with vae/)")
     parser.add_argument("--output", default="models/autoencoder.pt", help="checkpoint to write (default: %(default)s)")

@@ -13,9 +13,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bundle.demo import make_demo_dataset  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing the package
+
+from bundle.demo import make_demo_dataset  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,8 +15,10 @@ import argparse
 import sys
 import time
 
+from bundle.geometry import VISIUM_PITCH_UM
 from bundle.io.dataset import prepare_dataset
 from bundle.io.gene_panel import load_gene_panel
+from bundle.io.slides import SUPPORTED_BACKENDS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,9 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-top-genes", type=int, default=256, help="panel size when --genes is not given")
     parser.add_argument("--min-counts", type=int, default=100, help="drop spots with fewer total counts")
     parser.add_argument("--target-sum", type=float, default=1e4, help="normalize_total target before log1p")
-    parser.add_argument("--backend", default=None, choices=["cucim", "openslide", "tifffile"], help="slide reader")
+    parser.add_argument("--backend", default=None, choices=SUPPORTED_BACKENDS, help="slide reader")
     parser.add_argument(
-        "--spot-spacing-um", type=float, default=100.0, help="array spacing checked against the pixel size (0: skip)"
+        "--spot-spacing-um",
+        type=float,
+        default=VISIUM_PITCH_UM,
+        help="array spacing checked against the pixel size (0: skip)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     args = parser.parse_args(argv)

@@ -18,9 +18,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bundle.review import export_review_kit, format_report, score_answers, write_report  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing the package
+
+from bundle.review import export_review_kit, format_report, score_answers, write_report  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,8 +9,8 @@ The demo model on the demo validation array CRC_S04 (a 1.2 mm x 1.2 mm region; d
 Spots come from a prepared dataset folder (``--dataset`` + ``--sample``: positions are the datalist's ``location`` x
 ``mpp`` in slide micrometres, expression the dataset's log-normalised ``expression.npy``) or from a Space Ranger
 folder, ``.h5ad`` or CSV (``--input``, read with ``bundle.io.spots.read_spots`` and normalised like the training
-data). The configs give ``network_def`` and ``sample_scheduler``; the gene panel and the number of neighbours come from
-the checkpoint. See docs/whole_slide.md.
+data). The configs give the sampling pipeline (``configs/inference.json``'s ``pipeline``: the network built from the
+architecture the checkpoint records, the scheduler, steps and guidance). See docs/whole_slide.md.
 """
 
 from __future__ import annotations
@@ -23,152 +23,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-ARCHITECTURE_KEYS = (
-    "unet_kwargs",
-    "cross_attention_dim",
-    "num_context_tokens",
-    "gene_encoder_hidden_dim",
-    "num_neighbors",
-)
 
-
-def default_config_files() -> list[str]:
-    """``configs/inference.json`` (or ``configs/train.json`` where it does not exist) plus ``configs/demo.json``."""
-    first = ROOT / "configs" / "inference.json"
-    if not first.is_file():
-        first = ROOT / "configs" / "train.json"
-    return [str(first), str(ROOT / "configs" / "demo.json")]
-
-
-def load_model(
-    config_files: list[str], model_path: str, autoencoder_path: str, device: str
-) -> tuple[Any, dict[str, Any], Any]:
-    """Build the pipeline from the configs' ``network_def`` and ``sample_scheduler`` and the two checkpoints.
-
-    Returns:
-        ``(pipeline, model info, parsed config)``.
-    """
-    from monai.bundle import ConfigParser
-
-    from bundle.checkpoints import read_model_info
-    from bundle.sampling.generation import load_pipeline
-
-    for file in config_files:
-        if not Path(file).is_file():
-            raise FileNotFoundError(f"config file {file!r} does not exist; pass existing files to --config-file.")
-    info = read_model_info(model_path)
-    parser = ConfigParser()
-    parser.read_config(config_files)
-    parser["bundle_root"] = str(ROOT)
-    parser["model_path"], parser["autoencoder_path"] = str(model_path), str(autoencoder_path)
-    parser["gene_panel"] = list(info["gene_panel"])  # the network's width follows the checkpoint's panel
-    if info.get("num_neighbors") is not None:
-        parser["num_neighbors"] = int(info["num_neighbors"])
-    network = parser.get_parsed_content("network_def", lazy=False)
-    scheduler = parser.get_parsed_content("sample_scheduler", lazy=False)
-    if "architecture" in parser:
-        architecture = parser.get_parsed_content("architecture")
-    else:
-        architecture = {key: parser.get_parsed_content(key) for key in ARCHITECTURE_KEYS if key in parser}
-    steps = parser.get_parsed_content("num_inference_steps") if "num_inference_steps" in parser else 50
-    guidance = parser.get_parsed_content("guidance_scale") if "guidance_scale" in parser else 3.0
-    eta = parser.get_parsed_content("eta") if "eta" in parser else 0.0
-    pipeline = load_pipeline(
-        model_path,
-        autoencoder_path,
-        network,
-        scheduler,
-        device=device,
-        num_inference_steps=int(steps),
-        guidance_scale=guidance,
-        eta=float(eta),
-        architecture=architecture,
-    )
-    return pipeline, info, parser
-
-
-def spots_from_dataset(dataset: str | Path, sample: str, genes: list[str]) -> dict[str, Any]:
-    """Positions (slide micrometres), expression and neighbour indices of one sample of a prepared dataset folder."""
-    from bundle.io.gene_panel import check_gene_panel, load_gene_panel
-    from bundle.utils import read_json
-
-    dataset = Path(dataset)
-    for name in ("datalist.json", "expression.npy", "gene_panel.json"):
-        if not (dataset / name).is_file():
-            raise FileNotFoundError(
-                f"{str(dataset / name)!r} does not exist: --dataset must be a folder written by "
-                "scripts/prepare_dataset.py (datalist.json, expression.npy, gene_panel.json)."
-            )
-    check_gene_panel(genes, load_gene_panel(dataset / "gene_panel.json"), what=f"dataset {str(dataset)!r}")
-    datalist = read_json(dataset / "datalist.json")
-    items = [item for split in datalist.values() if isinstance(split, list) for item in split]
-    selected = [item for item in items if item.get("sample") == sample]
-    if not selected:
-        samples = sorted({str(item.get("sample")) for item in items})
-        raise ValueError(f"sample {sample!r} is not in {str(dataset / 'datalist.json')!r}; its samples are {samples}.")
-    store = np.load(dataset / "expression.npy", mmap_mode="r")
-    rows = np.array([int(item["expression"]) for item in selected])
-    positions = np.array([[float(v) * float(item["mpp"]) for v in item["location"]] for item in selected])
-    index_of_row = {int(row): i for i, row in enumerate(rows)}
-    neighbors = np.array(
-        [[index_of_row.get(int(r), -1) for r in item.get("neighbors", [-1] * 6)] for item in selected], dtype=np.int64
-    )
-    return {
-        "positions_um": positions,
-        "expression": np.asarray(store[rows], dtype=np.float32),
-        "neighbors": neighbors if neighbors.ndim == 2 and neighbors.shape[1] >= 6 else None,
-        "sample": sample,
-    }
-
-
-def spots_from_input(path: str, genes: list[str], normalization: Any, mpp: float | None = None) -> dict[str, Any]:
-    """Spots of a Space Ranger folder, ``.h5ad`` or CSV through ``bundle.io.spots.read_spots``."""
-    import bundle.inference
-
-    read_spots = getattr(bundle.inference, "read_spots", None)
-    if read_spots is None:
-        raise SystemExit(
-            "--input needs bundle.io.spots.read_spots, which this version of the bundle does not have; prepare the "
-            "sample with scripts/prepare_dataset.py and use --dataset <folder> --sample <id>."
-        )
-    spots = read_spots(path, genes, normalization, mpp=mpp)
-    if spots.positions_um is None:
-        raise SystemExit(f"{path!r} has no spot positions; whole-slide synthesis needs them (tissue_positions.csv).")
-    return {
-        "positions_um": np.asarray(spots.positions_um, dtype=np.float64),
-        "expression": np.asarray(spots.expression, dtype=np.float32),
-        "neighbors": None if spots.neighbors is None else np.asarray(spots.neighbors),
-        "sample": spots.sample,
-    }
-
-
-def save_thumbnail(slide: str | Path, path: str | Path, max_size: int = 1024) -> Path:
-    """Save the smallest pyramid level of ``slide``, shrunk to at most ``max_size`` pixels, as a PNG."""
-    import tifffile
-    from PIL import Image
-
-    with tifffile.TiffFile(slide) as tif:
-        image = Image.fromarray(tif.pages[len(tif.pages) - 1].asarray())
-    image.thumbnail((max_size, max_size), Image.LANCZOS)
-    path = Path(path)
-    image.save(path, optimize=True)
-    return path
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--config-file",
         nargs="+",
         default=None,
-        help="config files, later ones override earlier ones (default: configs/inference.json, or "
-        "configs/train.json where it does not exist, plus configs/demo.json)",
+        help="config files, later ones override earlier ones (default: configs/inference.json configs/demo.json)",
     )
     parser.add_argument("--model-path", default=str(ROOT / "models" / "model.pt"), help="models/model.pt")
     parser.add_argument(
@@ -225,67 +91,65 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--summary-json", default=None, help="also write the summary as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)  # fmt: skip
-
     if bool(args.dataset) == bool(args.input):
         parser.error("give either --dataset (with --sample) or --input.")
     if args.dataset and not args.sample:
         parser.error("--dataset needs --sample (a sample id of its datalist.json, e.g. CRC_S04).")
+    return args
+
+
+def load_pipeline(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The configs' sampling pipeline with the two checkpoints; returns ``(pipeline, parsed config)``."""
+    from bundle.sampling.generation import read_inference_config
+
+    config_files = args.config_file or [str(ROOT / "configs" / "inference.json"), str(ROOT / "configs" / "demo.json")]
+    print(f"configs: {', '.join(config_files)}")
+    overrides = {
+        "bundle_root": str(ROOT),
+        "model_path": args.model_path,
+        "autoencoder_path": args.autoencoder_path,
+        "device": args.device,
+    }
+    config = read_inference_config(config_files, overrides)
+    return config.get_parsed_content("pipeline"), config
+
+
+def read_spots(args: argparse.Namespace, info: dict[str, Any]) -> dict[str, Any]:
+    """The spots of ``--dataset``/``--sample`` or ``--input``, in the checkpoint's gene panel."""
+    from bundle.sampling.slide_io import spots_from_dataset, spots_from_input
+
+    genes = list(info["gene_panel"])
+    if args.dataset:
+        return spots_from_dataset(args.dataset, args.sample, genes)
+    return spots_from_input(args.input, genes, info.get("normalization"), args.input_mpp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     import torch
 
     from bundle.sampling.slide import synthesize_slide
+    from bundle.sampling.slide_io import format_summary, save_thumbnail
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    config_files = args.config_file or default_config_files()
-    print(f"configs: {', '.join(config_files)}")
     start = time.perf_counter()
-    pipeline, info, config = load_model(config_files, args.model_path, args.autoencoder_path, device)
-    genes = list(info["gene_panel"])
-    if args.dataset:
-        spots = spots_from_dataset(args.dataset, args.sample, genes)
-    else:
-        spots = spots_from_input(args.input, genes, info.get("normalization"), args.input_mpp)
+    pipeline, config = load_pipeline(args)
+    info = pipeline.info
+    spots = read_spots(args, info)
     fov = info.get("patch_fov_um") or config.get_parsed_content("patch_fov_um")
-    print(f"model: {len(genes)} genes, {pipeline.network.num_neighbors} neighbours, {float(fov):g} um patches; "
-          f"spots: {len(spots['positions_um'])} of sample {spots['sample']}; loaded in "
+    print(f"model: {len(info['gene_panel'])} genes, {pipeline.network.num_neighbors} neighbours, {float(fov):g} um "
+          f"patches; spots: {len(spots['positions_um'])} of sample {spots['sample']}; loaded in "
           f"{time.perf_counter() - start:.1f} s")  # fmt: skip
-
     summary = synthesize_slide(
-        pipeline,
-        spots["positions_um"],
-        spots["expression"],
-        args.output,
-        patch_fov_um=float(fov),
-        neighbors=spots["neighbors"],
-        mpp=args.mpp,
-        overlap=args.overlap,
-        blend=not args.no_blend,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        tissue_distance_um=args.tissue_distance_um,
-        region_um=args.region,
-        tile_size=args.tile_size,
-        quality=args.quality,
-        progress=not args.quiet,
-        workdir=args.workdir,
-    )
-    height, width = summary["shape"]
-    timings = summary["timings_s"]
-    print(
-        f"wrote {summary['path']}: {width} x {height} px at {summary['mpp']:g} um/px "
-        f"({width * summary['mpp'] / 1000:.2f} x {height * summary['mpp'] / 1000:.2f} mm, {len(summary['levels'])} "
-        f"levels), origin (x, y) = ({summary['origin_um'][0]:.1f}, {summary['origin_um'][1]:.1f}) um\n"
-        f"windows: {summary['windows']} over tissue of {summary['grid'][0]} x {summary['grid'][1]}, "
-        f"{'blended, overlap ' + format(summary['overlap'], 'g') if summary['blend'] else 'naive tiling'}; "
-        f"{summary['num_inference_steps']} steps, guidance {summary['guidance_scale']}, seed {summary['seed']}\n"
-        f"seam score: {summary['seam_score']:.3f} (1 = no visible seams)\n"
-        f"time: {timings['total']:.1f} s (denoise {timings['denoise']:.1f} s, decode {timings['decode']:.1f} s, "
-        f"write {timings['write']:.1f} s); peak RSS {summary['memory_mb']['process_peak_rss']:.0f} MB"
-    )
+        pipeline, spots["positions_um"], spots["expression"], args.output, patch_fov_um=float(fov),
+        neighbors=spots["neighbors"], mpp=args.mpp, overlap=args.overlap, blend=not args.no_blend,
+        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+        batch_size=args.batch_size, tissue_distance_um=args.tissue_distance_um, region_um=args.region,
+        tile_size=args.tile_size, quality=args.quality, progress=not args.quiet, workdir=args.workdir,
+    )  # fmt: skip
+    print(format_summary(summary))
     if args.thumbnail:
         print(f"thumbnail: {save_thumbnail(args.output, args.thumbnail)}")
     if args.summary_json:

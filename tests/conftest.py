@@ -33,13 +33,13 @@ def fid_weights(tmp_path_factory) -> Path:
     import torch
     from torch import nn
 
-    from bundle.evaluation import metrics
+    from bundle.evaluation import extractors
 
     torch.manual_seed(0)
-    net = metrics.build_fid_inception()
+    net = extractors.build_fid_inception()
     for module in net.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = tmp_path_factory.mktemp("fid_weights") / metrics.INCEPTION_WEIGHTS_FILE
+    path = tmp_path_factory.mktemp("fid_weights") / extractors.INCEPTION_WEIGHTS_FILE
     torch.save(net.state_dict(), path)
     return path

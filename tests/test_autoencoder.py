@@ -26,19 +26,7 @@ from bundle.autoencoder import (
     read_scale_factor,
     save_autoencoder_checkpoint,
 )
-
-TINY = {
-    "spatial_dims": 2,
-    "in_channels": 3,
-    "out_channels": 3,
-    "channels": [8, 8],
-    "latent_channels": 3,
-    "num_res_blocks": 1,
-    "attention_levels": [False, False],
-    "norm_num_groups": 4,
-    "with_encoder_nonlocal_attn": False,
-    "with_decoder_nonlocal_attn": False,
-}
+from tests.helpers import TINY_AUTOENCODER, tiny_autoencoder
 
 
 @pytest.fixture(autouse=True)
@@ -48,11 +36,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def tiny_autoencoder(seed: int = 0) -> AutoencoderKL:
-    torch.manual_seed(seed)
-    return AutoencoderKL(**TINY)
 
 
 def tiny_discriminator(seed: int = 1) -> PatchDiscriminator:
@@ -109,12 +92,12 @@ def flat_params(module: nn.Module) -> torch.Tensor:
 
 def test_sd_compatible_defaults_are_monai_autoencoder():
     monai_sd = tiny_autoencoder().state_dict()
-    ours = SDCompatibleAutoencoderKL(**TINY)
+    ours = SDCompatibleAutoencoderKL(**TINY_AUTOENCODER)
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {k: tuple(v.shape) for k, v in monai_sd.items()}
-    assert type(build_autoencoder(TINY)) is AutoencoderKL
-    assert type(build_autoencoder({**TINY, "norm_out_activation": True})) is SDCompatibleAutoencoderKL
+    assert type(build_autoencoder(TINY_AUTOENCODER)) is AutoencoderKL
+    assert type(build_autoencoder({**TINY_AUTOENCODER, "norm_out_activation": True})) is SDCompatibleAutoencoderKL
 
-    extended = SDCompatibleAutoencoderKL(**TINY, decoder_num_res_blocks=2, encoder_out_channels=6)
+    extended = SDCompatibleAutoencoderKL(**TINY_AUTOENCODER, decoder_num_res_blocks=2, encoder_out_channels=6)
     assert extended.quant_conv_mu.conv.weight.shape == (3, 6, 1, 1)
     assert extended.init_kwargs["decoder_num_res_blocks"] == [2, 2]
     x = torch.randn(2, 3, 16, 16)
@@ -122,7 +105,7 @@ def test_sd_compatible_defaults_are_monai_autoencoder():
     assert z_mu.shape == z_sigma.shape == (2, 3, 8, 8)
     assert extended.decode(z_mu).shape == x.shape
     with pytest.raises(ValueError, match="decoder_num_res_blocks"):
-        SDCompatibleAutoencoderKL(**TINY, decoder_num_res_blocks=[1, 1, 1])
+        SDCompatibleAutoencoderKL(**TINY_AUTOENCODER, decoder_num_res_blocks=[1, 1, 1])
 
 
 def test_kl_divergence_zero_for_standard_normal_and_positive_otherwise():
@@ -325,12 +308,14 @@ def test_scale_factor_is_one_over_latent_std():
 def test_checkpoint_round_trip_is_atomic_and_weights_only(tmp_path):
     autoencoder = tiny_autoencoder(seed=3)
     path = tmp_path / "models" / "autoencoder.pt"
-    scale = finalize_autoencoder(autoencoder, image_batches(blob_images(8)), "cpu", path, network_kwargs=TINY)
+    scale = finalize_autoencoder(
+        autoencoder, image_batches(blob_images(8)), "cpu", path, network_kwargs=TINY_AUTOENCODER
+    )
     assert scale > 0
     assert sorted(p.name for p in path.parent.iterdir()) == ["autoencoder.pt"]  # no temporary file left
 
     raw = torch.load(path, weights_only=True)
-    assert raw["scale_factor"] == pytest.approx(scale) and raw["network_kwargs"] == TINY
+    assert raw["scale_factor"] == pytest.approx(scale) and raw["network_kwargs"] == TINY_AUTOENCODER
     assert read_scale_factor(path) == pytest.approx(scale)
 
     built, built_scale = load_autoencoder_checkpoint(path)
@@ -366,7 +351,7 @@ def test_loading_errors_name_the_problem(tmp_path):
         read_scale_factor(missing)
 
     no_scale = tmp_path / "no_scale.pt"
-    torch.save({"autoencoder": autoencoder.state_dict(), "network_kwargs": TINY}, no_scale)
+    torch.save({"autoencoder": autoencoder.state_dict(), "network_kwargs": TINY_AUTOENCODER}, no_scale)
     with pytest.raises(ValueError, match="no latent scale factor.*finalize_autoencoder"):
         load_autoencoder_checkpoint(no_scale)
 
@@ -384,11 +369,11 @@ def test_loading_errors_name_the_problem(tmp_path):
     save_autoencoder_checkpoint(path, autoencoder, 0.8)  # no network_kwargs
     with pytest.raises(ValueError, match="no network_kwargs"):
         load_autoencoder_checkpoint(path)
-    wider = AutoencoderKL(**{**TINY, "channels": [8, 16]})
+    wider = AutoencoderKL(**{**TINY_AUTOENCODER, "channels": [8, 16]})
     with pytest.raises(ValueError, match=r"different shapes: decoder\..*must match") as info:
         load_autoencoder_checkpoint(path, autoencoder=wider)
     assert "encoder.blocks" in str(info.value)
-    with_attention = AutoencoderKL(**{**TINY, "with_decoder_nonlocal_attn": True})
+    with_attention = AutoencoderKL(**{**TINY_AUTOENCODER, "with_decoder_nonlocal_attn": True})
     with pytest.raises(ValueError, match=r"missing from the checkpoint: decoder\.blocks\.\d+\.attn"):
         load_autoencoder_checkpoint(path, autoencoder=with_attention)
 

@@ -14,10 +14,10 @@ import tifffile
 import torch
 from PIL import Image
 
-from bundle.geometry import hex_neighbors
+from bundle.geometry import hex_neighbors, radius_neighbors, spot_neighbors
 from bundle.io.dataset import prepare_dataset, read_manifest
 from bundle.io.gene_panel import check_gene_panel, load_gene_panel
-from bundle.io.spots import read_hest_metadata, read_spaceranger
+from bundle.io.spots import check_counts, library_sizes, log_normalize, read_hest_metadata, read_spaceranger
 from bundle.transforms import LoadExpressiond, LoadWSIPatchd, NormalizeExpression, SpatialContextd
 from tests.helpers import ROOT, realdata
 
@@ -65,6 +65,30 @@ def test_hex_neighbors_on_lattice():
     nb = hex_neighbors(rows, cols)
     assert set(nb[4]) - {-1} == {1, 2, 3, 5}  # (1,3) touches (1,1), (0,2), (0,4), (2,2); (1,5), (2,4) absent
     assert set(nb[0]) - {-1} == {1, 3}
+
+
+def test_spot_neighbors_use_the_lattice_else_the_positions():
+    rows, cols = np.array([0, 0, 1, 5]), np.array([0, 2, 1, 9])
+    xy = np.array([[0.0, 0.0], [100.0, 0.0], [50.0, 86.6], [300.0, 300.0]])
+    lattice = spot_neighbors(rows, cols, xy, radius=1.0)  # array coordinates win over positions
+    assert np.array_equal(lattice, hex_neighbors(rows, cols))
+    positions = spot_neighbors(xy=xy, radius=125.0)
+    assert np.array_equal(positions, radius_neighbors(xy, radius=125.0))
+    assert set(positions[0]) - {-1} == {1, 2} and set(positions[3]) == {-1}
+    assert spot_neighbors(radius=125.0) is None  # nothing locates the spots
+
+
+def test_counts_library_sizes_and_normalisation():
+    from scipy import sparse
+
+    counts = sparse.csr_matrix(np.array([[1, 0, 3], [0, 0, 0]]))
+    library = library_sizes(counts)
+    assert library.tolist() == [4, 0]
+    # the panel (first gene) normalised by the total over all genes; an empty spot divides by 1
+    assert np.allclose(log_normalize(counts[:, [0]], library, 1e4), np.log1p([[1e4 / 4], [0.0]]))
+    check_counts(counts.data)
+    with pytest.raises(ValueError, match=r"sample 'x' has non-integer values.*not raw counts.*use the layer"):
+        check_counts(np.array([1.0, 2.5]), "sample 'x'", remedy="use the layer")
 
 
 def test_prepare_demo_dataset(demo_root, demo_dataset):

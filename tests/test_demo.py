@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.util
+import os
 import re
 from pathlib import Path
 
@@ -20,6 +21,16 @@ from bundle.demo import (
     visium_barcodes,
     visium_spot_lattice,
 )
+from bundle.demo.compartments import GLASS
+from bundle.demo.expression import expression_profiles, simulate_counts
+from bundle.demo.fields import jittered_grid, lookup, smooth_noise, smoothstep, stamp_disks
+from bundle.demo.files import csv_text, write_text
+from bundle.demo.histology import render_histology
+from bundle.demo.layout import simulate_layout
+from bundle.demo.nuclei import nucleus_bank, stamp_nuclei
+from bundle.demo.stains import StainModel
+from bundle.demo.visium import spot_fractions
+from bundle.utils import write_atomic
 
 SEED = 7
 SIZE_UM = (1200.0, 1400.0)  # height, width: non-square, so a swapped row/column shows
@@ -394,3 +405,103 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert module.main(argv) == 2  # refuses the now non-empty folder
     assert "overwrite" in capsys.readouterr().err
     assert module.main([*argv, "--overwrite"]) == 0
+
+
+# --- building blocks -------------------------------------------------------------------------------------------------
+def test_spot_fractions_count_tissue_inside_the_disk() -> None:
+
+    labels = np.full((200, 300), GLASS, dtype=np.int8)  # 1 um/px: glass | tumour | stroma, 100 um each
+    labels[:, 100:200] = COMPARTMENTS.index("tumour")
+    labels[:, 200:] = COMPARTMENTS.index("stroma")
+    fractions, coverage = spot_fractions(labels, 1.0, np.array([100.0, 100.0, 100.0]), np.array([150.0, 200.0, 20.0]))
+    tumour, stroma = COMPARTMENTS.index("tumour"), COMPARTMENTS.index("stroma")
+    assert fractions[0, tumour] == 1.0 and coverage[0] == 1.0  # 55 um disk well inside the tumour band
+    assert fractions[1, tumour] == pytest.approx(0.5, abs=0.03) and fractions[1, stroma] == pytest.approx(0.5, abs=0.03)
+    assert np.all(fractions[2] == 0) and coverage[2] == 0.0  # on glass
+    partial, partial_coverage = spot_fractions(labels, 1.0, np.array([100.0]), np.array([100.0]))
+    assert partial_coverage[0] == pytest.approx(0.5, abs=0.03) and partial[0, tumour] == 1.0  # glass left out
+
+
+def test_random_fields_and_raster_helpers() -> None:
+
+    rng = np.random.default_rng(0)
+    field = smooth_noise(rng, (300, 200), 20.0)
+    assert field.shape == (300, 200) and field.dtype == np.float32
+    assert abs(float(field.mean())) < 0.3 and 0.5 < float(field.std()) < 1.5
+    assert np.abs(np.diff(field, axis=1)).mean() < 0.2  # smooth at the pixel scale
+    np.testing.assert_allclose(smoothstep(0.0, 1.0, np.array([-1.0, 0.0, 0.5, 1.0, 2.0])), [0, 0, 0.5, 1, 1])
+    y, x = jittered_grid(rng, 100.0, 150.0, 10.0, jitter=0.3)
+    assert np.all((y >= 0) & (y < 100.0) & (x >= 0) & (x < 150.0))
+    expected = 100.0 * 150.0 / (10.0 * 10.0 * np.sqrt(3.0) / 2.0)  # area over the area per hexagonal-grid point
+    assert 0.8 * expected < y.size < 1.2 * expected
+    grid = np.arange(12).reshape(3, 4)
+    np.testing.assert_array_equal(lookup(grid, np.array([0.5, 2.5, 99.0]), np.array([3.9, 0.1, -5.0]), 1.0), [3, 8, 8])
+    target = np.zeros((20, 20), dtype=np.float32)
+    stamp_disks(target, np.array([10.0, 0.0]), np.array([10.0, 19.0]), np.array([4.0, 3.0]), 0.8)
+    assert target[10, 10] == pytest.approx(0.8) and target[10, 16] == 0.0 and target[0, 19] == pytest.approx(0.8)
+
+
+def test_stain_model_and_nucleus_kernels() -> None:
+
+    rng = np.random.default_rng(1)
+    stains = StainModel.draw(rng, stain_jitter=0.0)
+    glass = stains.lut[0].astype(int)
+    assert np.all((glass >= 225) & (glass <= 252))
+    haem_only, eosin_only = stains.lut[200 << 8].astype(int), stains.lut[200].astype(int)
+    assert np.all(haem_only < glass) and haem_only[0] < haem_only[2]  # blue-purple: red absorbed most
+    assert eosin_only[1] < eosin_only[0]  # pink: green absorbed more than red
+    bank = nucleus_bank(rng, 0.25)
+    kernels, n_orient, n_var = bank["fibroblast"]
+    assert len(kernels) == n_orient * n_var
+    horizontal = kernels[0]  # orientation bin 0: the long axis along x
+    assert (horizontal > 0.3).any(axis=0).sum() > 2 * (horizontal > 0.3).any(axis=1).sum()
+    target = np.zeros((40, 40), dtype=np.uint8)
+    kernels8 = [stains.haem_levels(k) for k in bank["lymphocyte"][0]]
+    stamp_nuclei(target, kernels8, np.array([20, 0, 100]), np.array([20, 39, 100]), np.array([0, 1, 2]))
+    assert target[20, 20] > 100 and target[0, 39] > 0 and target[5:35, 5:35].sum() > 0
+
+
+def test_counts_follow_depth_and_library_size() -> None:
+
+    ids, names, programmes = demo_gene_table()
+    profiles = expression_profiles(np.random.default_rng(0), np.random.default_rng(1), programmes, 0.15)
+    assert profiles.shape == (len(COMPARTMENTS), len(ids))
+    np.testing.assert_allclose(profiles.sum(axis=1), 1.0)
+    fractions = np.zeros((400, len(COMPARTMENTS)))
+    fractions[:200, COMPARTMENTS.index("tumour")] = 1.0
+    fractions[200:, COMPARTMENTS.index("necrosis")] = 1.0
+    counts = simulate_counts(np.random.default_rng(2), fractions, np.ones(400), profiles, 0.2, 0.01, 1.0)
+    assert counts.dtype == np.int32 and counts.shape == (400, len(ids))
+    assert counts[:200].sum(axis=1).mean() == pytest.approx(6000.0, rel=0.05)  # the tumour library size
+    assert counts[200:].sum(axis=1).mean() == pytest.approx(500.0, rel=0.1)  # necrosis yields little RNA
+
+
+def test_layout_and_histology_of_a_small_section() -> None:
+
+    layout = simulate_layout(np.random.default_rng(3), (500, 600), 1.0)
+    assert layout.labels.shape == layout.alpha.shape == layout.rho.shape == (500, 600)
+    assert layout.labels.min() >= -1 and layout.labels.max() < len(COMPARTMENTS)
+    assert np.all((layout.alpha >= 0) & (layout.alpha <= 1)) and np.all((layout.labels == -1) == (layout.alpha <= 0.5))
+    assert len({len(v) for v in layout.seeds.values()}) == 1 and layout.seeds["kind"][-1] == 3  # placeholder last
+    image, num_nuclei = render_histology(np.random.default_rng(4), layout, 0.5, 2)
+    assert image.shape == (1000, 1200, 3) and image.dtype == np.uint8 and num_nuclei > 100
+    glass = np.repeat(np.repeat(layout.labels == -1, 2, axis=0), 2, axis=1)
+    if glass.any():
+        assert image[glass].mean() > image[~glass].mean()  # glass is brighter than stained tissue
+
+
+def test_atomic_writes_make_ordinary_files(tmp_path: Path) -> None:
+    assert csv_text(("a", "b"), [[1, "x,y"]]) == 'a,b\n1,"x,y"\n'
+    path = write_text(tmp_path / "notes.txt", "hello")
+    assert path.read_text() == "hello"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not the private mode of a temporary file
+
+    def fail(tmp: str) -> None:
+        Path(tmp).write_text("half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        write_atomic(tmp_path / "broken.txt", fail)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -9,45 +9,21 @@ import torch
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monai.inferers import DiffusionInferer
-from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 from monai.utils import CommonKeys
 from torch import nn
 
 from bundle.engines import LatentDiffusionPrepareBatch
-from bundle.networks import GeneConditionedUNet, GeneCondNet
+from bundle.networks import GeneConditionedUNet
+from tests.helpers import tiny_autoencoder
+from tests.helpers import tiny_network as tiny_network_of
 
 NUM_GENES = 12
 LATENT_CHANNELS = 3
 
 
-def tiny_autoencoder() -> AutoencoderKL:
-    return AutoencoderKL(
-        spatial_dims=2,
-        in_channels=3,
-        out_channels=3,
-        channels=(8, 8),
-        latent_channels=LATENT_CHANNELS,
-        num_res_blocks=1,
-        norm_num_groups=8,
-        attention_levels=(False, False),
-    )
-
-
 def tiny_network() -> GeneConditionedUNet:
-    unet = DiffusionModelUNet(
-        spatial_dims=2,
-        in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
-        channels=(8, 8),
-        attention_levels=(False, True),
-        num_res_blocks=1,
-        norm_num_groups=8,
-        num_head_channels=8,
-        with_conditioning=True,
-        cross_attention_dim=16,
-    )
-    return GeneConditionedUNet(GeneCondNet(NUM_GENES, 16, num_tokens=4, hidden_dim=32), unet)
+    return tiny_network_of(NUM_GENES, latent_channels=LATENT_CHANNELS, num_tokens=4)
 
 
 def random_batches(num_batches: int = 2, batch_size: int = 2) -> list[dict[str, torch.Tensor]]:

@@ -1,4 +1,4 @@
-"""Evaluation (bundle/evaluation.py, configs/evaluate.json): fidelity, agreement and edit scores move the right way."""
+"""Evaluation (bundle/evaluation/, configs/evaluate.json): fidelity, agreement and edit scores move the right way."""
 
 from __future__ import annotations
 
@@ -15,7 +15,15 @@ from torch import nn
 
 from bundle import evaluation as E
 from bundle.demo import COMPARTMENTS
-from tests.helpers import CONFIGS
+from bundle.evaluation.settings import (
+    DataSettings,
+    EditSettings,
+    GenerationSettings,
+    OutputSettings,
+    ProbeSettings,
+    RealismSettings,
+)
+from tests.helpers import CONFIGS, TINY_AUTOENCODER, tiny_architecture, tiny_autoencoder, tiny_network
 
 FOV_UM, SIZE = 64.0, 32
 
@@ -181,6 +189,35 @@ def test_edit_directionality_known_answer():
     assert raised["edits"]["CD3E=3"]["fraction"] == 1.0 and raised["edits"]["CD3E=3"]["n"] == 12
 
 
+def test_settings_and_patch_cache(tmp_path):
+    from bundle.evaluation.generation import cached_array, generated_size, safe_name
+
+    assert GenerationSettings(regenerate="false").regenerate is False and GenerationSettings(regenerate="1").regenerate
+    with pytest.raises(ValueError, match="probe_type must be"):
+        ProbeSettings(kind="resnet")
+    assert ProbeSettings().input_size(512) == 128 and ProbeSettings(image_size=48).input_size(512) == 48
+    assert ProbeSettings().input_size(64) == 64
+    assert EditSettings().edits == E.DEFAULT_EDITS and RealismSettings().require_inception
+    assert safe_name("edit immune*4") == "edit_immune_4" and safe_name("***") == "x"
+    assert generated_size(Darkener([0])) is None  # a plain callable: no decoder to ask
+
+    calls = []
+
+    def compute() -> np.ndarray:
+        calls.append(1)
+        return np.full((2, 3, 4, 4), len(calls), np.uint8)
+
+    key = {"generator": "g", "what": "validation"}
+    first, cached = cached_array(tmp_path, "validation", key, compute, regenerate=False)
+    again, cached_again = cached_array(tmp_path, "validation", dict(reversed(list(key.items()))), compute, False)
+    assert not cached and cached_again and len(calls) == 1 and np.array_equal(first, again)
+    assert json.loads(next(tmp_path.glob("validation-*.json")).read_text()) == key
+    _, cached = cached_array(tmp_path, "validation", key, compute, regenerate=True)
+    assert not cached and len(calls) == 2
+    _, cached = cached_array(tmp_path, "validation", None, compute, regenerate=False)  # no key: no cache
+    assert not cached and len(calls) == 3 and len(list(tmp_path.glob("*.npy"))) == 1
+
+
 def _self_contained(text: str) -> None:
     references = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)""", text, flags=re.I)
     assert references and all(ref.startswith("data:") for ref in references), references
@@ -194,25 +231,21 @@ def test_evaluate_oracle_vs_shuffled_reports(demo_dataset, spots, probe, tmp_pat
     n = len(spots["val"])
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     common = dict(
-        dataset_dir=demo_dataset,
-        patch_fov_um=FOV_UM,
-        patch_size=SIZE,
-        num_neighbors=6,
-        genes=spots["genes"],
-        probe=probe,
-        require_inception=False,
-        num_edit_spots=6,
-        kid_subsets=5,
-        tracking_uri=uri,
-        edits=["immune*4", "hypoxia*0", "adipose*4"],
+        data=DataSettings(demo_dataset, FOV_UM, SIZE, 6, genes=spots["genes"]),
+        probe=ProbeSettings(trained=probe),
+        realism=RealismSettings(require_inception=False, kid_subsets=5),
+        edits=EditSettings(["immune*4", "hypoxia*0", "adipose*4"], num_spots=6),
     )
     oracle = Oracle(spots["expression"], spots["real"])
     good = E.evaluate(
-        oracle, output_dir=tmp_path / "good", run_name="eval_good", generator_key={"g": "oracle"}, **common
+        oracle,
+        output=OutputSettings(tmp_path / "good", tracking_uri=uri, run_name="eval_good"),
+        generation=GenerationSettings(cache_key={"g": "oracle"}),
+        **common,
     )
     calls = oracle.calls
     shuffled = Oracle(spots["expression"], spots["real"], np.random.default_rng(1).permutation(n))
-    bad = E.evaluate(shuffled, output_dir=tmp_path / "bad", run_name="eval_bad", **common)
+    bad = E.evaluate(shuffled, output=OutputSettings(tmp_path / "bad", tracking_uri=uri, run_name="eval_bad"), **common)
 
     assert good["fidelity"]["fidelity_r_mean"] > bad["fidelity"]["fidelity_r_mean"] + 0.2
     assert good["compartments"]["generated_agreement"] > bad["compartments"]["generated_agreement"]
@@ -261,7 +294,10 @@ def test_evaluate_oracle_vs_shuffled_reports(demo_dataset, spots, probe, tmp_pat
 
     # rerun with the same generator key: nothing is generated again, the numbers are the same
     again = E.evaluate(
-        oracle, output_dir=tmp_path / "good", generator_key={"g": "oracle"}, **{**common, "tracking_uri": None}
+        oracle,
+        output=OutputSettings(tmp_path / "good"),
+        generation=GenerationSettings(cache_key={"g": "oracle"}),
+        **common,
     )
     assert oracle.calls == calls and again["settings"]["generated_from_cache"]
     assert again["fidelity"]["fidelity_r_mean"] == pytest.approx(good["fidelity"]["fidelity_r_mean"])
@@ -286,17 +322,12 @@ def test_encoder_probe_and_encoder_fid(demo_dataset, spots, tmp_path, empty_hub)
     oracle = Oracle(spots["expression"], spots["real"])
     metrics = E.evaluate(
         oracle,
-        demo_dataset,
-        tmp_path / "eval",
-        FOV_UM,
-        SIZE,
-        6,
-        require_inception="false",
-        encoder_path=path,
-        edits=[],
-        kid_subsets=5,
-        feature_batch_size=64,
-        fid_method="eigh",
+        DataSettings(demo_dataset, FOV_UM, SIZE, 6),
+        OutputSettings(tmp_path / "eval"),
+        realism=RealismSettings(
+            require_inception="false", encoder_path=path, kid_subsets=5, feature_batch_size=64, fid_method="eigh"
+        ),
+        edits=EditSettings([]),
     )
     assert metrics["realism"]["encoders"]["tiny_encoder"]["fid_method"] == "eigh"
     assert metrics["probe"]["kind"] == "encoder:tiny_encoder" and metrics["settings"]["encoders"] == ["tiny_encoder"]
@@ -313,18 +344,6 @@ def test_encoder_probe_and_encoder_fid(demo_dataset, spots, tmp_path, empty_hub)
 TINY = {
     "patch_fov_um": FOV_UM,
     "patch_size": 16,
-    "cross_attention_dim": 16,
-    "num_context_tokens": 2,
-    "gene_encoder_hidden_dim": 32,
-    "unet_kwargs": {
-        "spatial_dims": 2,
-        "channels": [8, 8],
-        "attention_levels": [False, True],
-        "num_head_channels": [0, 8],
-        "num_res_blocks": 1,
-        "norm_num_groups": 8,
-        "transformer_num_layers": 1,
-    },
     "num_inference_steps": 2,
     "val_batch_size": 32,
     "num_eval_spots": 24,
@@ -335,45 +354,22 @@ TINY = {
     "kid_subsets": 5,
     "min_group_size": 5,
 }
-AE_KWARGS = {
-    "spatial_dims": 2,
-    "in_channels": 3,
-    "out_channels": 3,
-    "channels": [8, 8],
-    "latent_channels": 3,
-    "num_res_blocks": 1,
-    "attention_levels": [False, False],
-    "norm_num_groups": 4,
-    "with_encoder_nonlocal_attn": False,
-    "with_decoder_nonlocal_attn": False,
-}
 
 
 @pytest.fixture(scope="module")
 def tiny_model(demo_dataset, tmp_path_factory) -> Path:
-    """models/model.pt + models/autoencoder.pt of a tiny untrained model (16-px patches) for the demo dataset."""
-    from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+    """models/model.pt + models/autoencoder.pt of a tiny untrained model (16-px patches) for the demo dataset.
 
+    The config builds the network from the architecture the checkpoint records (``bundle.checkpoints.build_network``).
+    """
     from bundle.autoencoder import save_autoencoder_checkpoint
     from bundle.checkpoints import save_model
-    from bundle.networks import GeneConditionedUNet, GeneCondNet
 
     genes = json.loads((demo_dataset / "gene_panel.json").read_text())["genes"]
     folder = tmp_path_factory.mktemp("tiny_models")
-    torch.manual_seed(0)
-    autoencoder = AutoencoderKL(**AE_KWARGS)
-    unet = DiffusionModelUNet(
-        in_channels=3, out_channels=3, with_conditioning=True, cross_attention_dim=16, **TINY["unet_kwargs"]
-    )
-    for p in unet.parameters():  # MONAI zero-initialises output layers; make the condition visible in the output
-        nn.init.normal_(p, std=0.05)
-    network = GeneConditionedUNet(
-        GeneCondNet(len(genes), 16, num_tokens=2, hidden_dim=32, num_layers=2, num_neighbors=6), unet
-    )
-    architecture = {
-        k: TINY[k] for k in ("unet_kwargs", "cross_attention_dim", "num_context_tokens", "gene_encoder_hidden_dim")
-    }
-    save_autoencoder_checkpoint(folder / "autoencoder.pt", autoencoder, 0.5, network_kwargs=AE_KWARGS)
+    # MONAI zero-initialises output layers: randomize them so that the condition is visible in the output
+    network = tiny_network(len(genes), num_neighbors=6, randomize=True)
+    save_autoencoder_checkpoint(folder / "autoencoder.pt", tiny_autoencoder(), 0.5, network_kwargs=TINY_AUTOENCODER)
     save_model(
         folder / "model.pt",
         network,
@@ -386,7 +382,7 @@ def tiny_model(demo_dataset, tmp_path_factory) -> Path:
             "patch_fov_um": FOV_UM,
             "patch_size": 16,
             "iteration": 3,
-            "architecture": {**architecture, "num_neighbors": 6},
+            "architecture": tiny_architecture(num_neighbors=6),
         },
     )
     return folder

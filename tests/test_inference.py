@@ -1,8 +1,8 @@
-"""Generation (configs/inference.json, bundle.inference, scripts/edit_expression.py) with tiny saved checkpoints."""
+"""Generation (configs/inference.json, bundle.sampling.generation, scripts/edit_expression.py) with tiny saved
+checkpoints."""
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 from pathlib import Path
@@ -12,9 +12,8 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from tests.helpers import CONFIGS, ROOT, TINY_TRAIN
+from tests.helpers import CONFIGS, ROOT, TINY_TRAIN, tiny_architecture
 
-ARCHITECTURE_KEYS = ("cross_attention_dim", "num_context_tokens", "gene_encoder_hidden_dim", "unet_kwargs")
 MANIFEST_COLUMNS = [
     "spot_id",
     "png",
@@ -57,28 +56,22 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny(demo_root, tmp_path_factory) -> dict:
-    """Tiny random-weight checkpoints saved as training saves them, and a config layer with their architecture."""
+    """Tiny random-weight checkpoints saved as training saves them (with the architecture they record), and a config
+    layer with fast settings."""
     from monai.networks.nets import AutoencoderKL
 
     from bundle.autoencoder import save_autoencoder_checkpoint
-    from bundle.checkpoints import save_model
+    from bundle.checkpoints import build_network, save_model
     from bundle.io.spots import read_spaceranger
 
     root = tmp_path_factory.mktemp("tiny_bundle")
     spaceranger = demo_root / "CRC_S02" / "spaceranger"
     measured = list(read_spaceranger(spaceranger).var_names)
     genes = measured[:10] + [g for g in ("PTPRC", "CD3E", "CD74", "MKI67") if g in measured and g not in measured[:10]]
-    architecture = {k: copy.deepcopy(TINY_TRAIN[k]) for k in ARCHITECTURE_KEYS}
     layer = root / "tiny.json"
-    layer.write_text(json.dumps({**architecture, "num_inference_steps": 2, "progress": False}))
+    layer.write_text(json.dumps({"num_inference_steps": 2, "progress": False}))
 
     torch.manual_seed(0)
-    parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "inference.json"), str(layer)])
-    parser.update({"num_genes": len(genes), "num_neighbors": 6, "latent_channels": 3})
-    network = parser.get_parsed_content("network_def")
-    for name, p in network.unet.named_parameters():  # MONAI zero-initialises output layers: make the condition show
-        torch.nn.init.normal_(p, std=1.0 if name.startswith("out.") else 0.2)
     extra = {
         "normalization": NORMALIZATION,
         "num_neighbors": 6,
@@ -87,8 +80,11 @@ def tiny(demo_root, tmp_path_factory) -> dict:
         "patch_size": 16,
         "patch_fov_um": 64.0,
         "iteration": 1,
-        "architecture": {**architecture, "num_neighbors": 6},
+        "architecture": tiny_architecture(6),
     }
+    network = build_network({**extra, "gene_panel": genes})
+    for name, p in network.unet.named_parameters():  # MONAI zero-initialises output layers: make the condition show
+        torch.nn.init.normal_(p, std=1.0 if name.startswith("out.") else 0.2)
     model_path = save_model(root / "models" / "model.pt", network, genes, 0.5, extra)
     ae_kwargs = dict(TINY_TRAIN["autoencoder_kwargs"])
     autoencoder = AutoencoderKL(**ae_kwargs)
@@ -275,9 +271,30 @@ def test_missing_panel_gene_refused_and_nothing_written(tiny, tmp_path):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_inference_builds_the_network_the_checkpoint_records(tiny):
+    """configs/demo.json (layered on top) sets the demo model's architecture: the network still follows the checkpoint."""
+    from bundle.checkpoints import load_model
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "inference.json"), str(CONFIGS / "demo.json")])
+    parser.update({"bundle_root": str(tiny["root"]), "model_path": str(tiny["model_path"])})
+    network = parser.get_parsed_content("network_def")
+    saved = torch.load(tiny["model_path"], map_location="cpu", weights_only=True)["network"]
+    assert {k: tuple(v.shape) for k, v in network.state_dict().items()} == {k: tuple(v.shape) for k, v in saved.items()}
+    info = load_model(tiny["model_path"], network, genes=tiny["genes"], architecture=tiny_architecture(6))
+    assert network.num_genes == len(tiny["genes"]) == len(info["gene_panel"]) and network.num_neighbors == 6
+    for key, value in network.state_dict().items():
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
+
+
 def test_wrong_architecture_unknown_spot_and_foreign_output_dir_refused(tiny, tmp_path):
+    from bundle.checkpoints import build_network, load_model
+
+    # the configs build the network from the checkpoint; a network built otherwise is refused before any weight loads
+    other = {**tiny_architecture(6), "cross_attention_dim": 32}
+    network = build_network({"architecture": other, "latent_shape": [3, 8, 8], "gene_panel": tiny["genes"]})
     with pytest.raises(Exception) as info:
-        run_inference(tiny, tmp_path / "arch", cross_attention_dim=32)
+        load_model(tiny["model_path"], network, architecture=other)
     error = _cause(info.value, ValueError)
     assert error is not None and "cross_attention_dim" in str(error) and "other network settings" in str(error)
     with pytest.raises(Exception) as info:
@@ -352,3 +369,25 @@ def test_edit_script_writes_grid_and_refuses_unknown_genes(tiny, reference_run, 
     with pytest.raises(ValueError, match="NOTAGENE"):
         script.main(base + ["--edit", "NOTAGENE*2", "--output", str(tmp_path / "bad.png")])
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_slide_script_synthesises_from_a_spaceranger_folder(tiny, tmp_path):
+    import importlib.util
+
+    import tifffile
+
+    spec = importlib.util.spec_from_file_location("synthesize_slide", ROOT / "scripts" / "synthesize_slide.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    from bundle.io.spots import read_spots
+
+    x, y = read_spots(tiny["spaceranger"], tiny["genes"], NORMALIZATION).positions_um.mean(axis=0)
+    output, summary = tmp_path / "slide.tif", tmp_path / "summary.json"
+    args = ["--config-file", str(CONFIGS / "inference.json"), str(CONFIGS / "demo.json"), str(tiny["layer"])]
+    args += ["--model-path", str(tiny["model_path"]), "--autoencoder-path", str(tiny["autoencoder_path"])]
+    args += ["--input", str(tiny["spaceranger"]), "--region", str(x - 64), str(y - 64), str(x + 64), str(y + 64)]
+    args += ["--output", str(output), "--summary-json", str(summary), "--device", "cpu", "--quiet"]
+    assert script.main(args + ["--thumbnail", str(tmp_path / "thumb.png")]) == 0
+    written = json.loads(summary.read_text())
+    assert written["num_inference_steps"] == 2 and written["mpp"] == pytest.approx(4.0)  # the tiny layer's steps
+    assert tifffile.imread(output).shape == (*written["shape"], 3) and (tmp_path / "thumb.png").is_file()

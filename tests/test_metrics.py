@@ -1,4 +1,5 @@
-"""Realism metrics: FID/KID against closed forms and MONAI, the offline Inception loading, user encoders, the cache."""
+"""Realism metrics (bundle/evaluation/metrics.py, extractors.py, features.py): FID/KID against closed forms and
+MONAI, the offline Inception loading, user encoders, the feature cache."""
 
 from __future__ import annotations
 
@@ -15,7 +16,23 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from bundle.evaluation import metrics as M
+from bundle.evaluation.extractors import (
+    INCEPTION_WEIGHTS_FILE,
+    INCEPTION_WEIGHTS_URL,
+    FeatureExtractor,
+    file_fingerprint,
+    inception_weights_path,
+    load_feature_extractor,
+)
+from bundle.evaluation.features import cached_features, extract_features, extract_features_in_chunks, feature_cache_key
+from bundle.evaluation.metrics import (
+    feature_statistics,
+    frechet_distance,
+    frechet_distance_from_statistics,
+    kernel_inception_distance,
+    kid_subset_size,
+    realism_metrics,
+)
 
 # --------------------------------------------------------------------------------------------------------------------
 # helpers
@@ -117,33 +134,33 @@ def test_fid_matches_closed_form_and_monai():
 
     # a random sample: sampling error only (about 1% here)
     a, b = rng.multivariate_normal(mu1, s1, size=n), rng.multivariate_normal(mu2, s2, size=n)
-    fid = M.frechet_distance(a, b)
+    fid = frechet_distance(a, b)
     assert fid == pytest.approx(expected, rel=0.05)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # MONAI passes sqrtm(disp=False) too
         monai_fid = float(FIDMetric()(torch.from_numpy(b), torch.from_numpy(a)))
     assert fid == pytest.approx(monai_fid, rel=1e-8)
-    assert M.frechet_distance(a, b, method="eigh") == pytest.approx(fid, rel=1e-8)
+    assert frechet_distance(a, b, method="eigh") == pytest.approx(fid, rel=1e-8)
 
     # samples with exactly the population moments: equal to the closed form up to rounding
     a, b = _exact_moments_sample(rng, mu1, s1, 500), _exact_moments_sample(rng, mu2, s2, 500)
-    assert M.frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
-    stats = M.feature_statistics(a)
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
+    stats = feature_statistics(a)
     assert stats["n"] == 500 and np.allclose(stats["mu"], mu1) and np.allclose(stats["sigma"], s1)
-    assert M.frechet_distance_from_statistics(stats, M.feature_statistics(b)) == pytest.approx(expected, rel=1e-8)
-    assert abs(M.frechet_distance(a, a)) < 1e-8
+    assert frechet_distance_from_statistics(stats, feature_statistics(b)) == pytest.approx(expected, rel=1e-8)
+    assert abs(frechet_distance(a, a)) < 1e-8
 
 
 def test_fid_input_errors():
     a = np.zeros((1, 4))
     with pytest.raises(ValueError, match="at least 2"):
-        M.frechet_distance(a, np.ones((5, 4)))
+        frechet_distance(a, np.ones((5, 4)))
     with pytest.raises(ValueError, match="same extractor|one extractor"):
-        M.frechet_distance(np.random.rand(5, 4), np.random.rand(5, 3))
+        frechet_distance(np.random.rand(5, 4), np.random.rand(5, 3))
     with pytest.raises(ValueError, match="2-D"):
-        M.frechet_distance(np.random.rand(5), np.random.rand(5))
+        frechet_distance(np.random.rand(5), np.random.rand(5))
     with pytest.raises(ValueError, match="NaN"):
-        M.frechet_distance(np.full((3, 2), np.nan), np.random.rand(3, 2))
+        frechet_distance(np.full((3, 2), np.nan), np.random.rand(3, 2))
 
 
 def test_fid_falls_back_when_scipy_drops_disp(monkeypatch):
@@ -157,7 +174,7 @@ def test_fid_falls_back_when_scipy_drops_disp(monkeypatch):
     mu, s1, s2 = np.ones(4), _random_covariance(rng, 4), _random_covariance(rng, 4)
     a, b = _exact_moments_sample(rng, np.zeros(4), s1, 50), _exact_moments_sample(rng, mu, s2, 50)
     with pytest.warns(RuntimeWarning, match="eigendecomposition"):
-        value = M.frechet_distance(a, b)
+        value = frechet_distance(a, b)
     assert value == pytest.approx(_closed_form_fid(np.zeros(4), s1, mu, s2), rel=1e-8)
 
 
@@ -165,14 +182,14 @@ def test_kid_unbiased_and_ordered():
     rng = np.random.default_rng(0)
     d = 8
     a, b = rng.normal(size=(1500, d)), rng.normal(size=(1500, d))
-    same_mean, same_std = M.kernel_inception_distance(a, b, num_subsets=10, subset_size=300)
-    near, _ = M.kernel_inception_distance(a, b + 0.3, num_subsets=10, subset_size=300)
-    far, _ = M.kernel_inception_distance(a, b + 1.0, num_subsets=10, subset_size=300)
+    same_mean, same_std = kernel_inception_distance(a, b, num_subsets=10, subset_size=300)
+    near, _ = kernel_inception_distance(a, b + 0.3, num_subsets=10, subset_size=300)
+    far, _ = kernel_inception_distance(a, b + 1.0, num_subsets=10, subset_size=300)
     assert same_std > 0
     assert abs(same_mean) < 0.05 * near
     assert 0 < near < far
     # deterministic for a seed
-    assert M.kernel_inception_distance(a, b, num_subsets=5, subset_size=100, seed=3) == M.kernel_inception_distance(
+    assert kernel_inception_distance(a, b, num_subsets=5, subset_size=100, seed=3) == kernel_inception_distance(
         a, b, num_subsets=5, subset_size=100, seed=3
     )
 
@@ -181,17 +198,17 @@ def test_kid_equals_direct_unbiased_mmd():
     rng = np.random.default_rng(2)
     x, y = rng.normal(size=(300, 6)), rng.normal(loc=0.2, size=(300, 6))
     # one subset of the full size (subset_size capped from 1000 to 300)
-    mean, std = M.kernel_inception_distance(x, y, num_subsets=10, subset_size=1000)
+    mean, std = kernel_inception_distance(x, y, num_subsets=10, subset_size=1000)
     assert mean == pytest.approx(_direct_unbiased_mmd2(x, y), rel=1e-10) and std == 0.0
-    assert M.kid_subset_size(300, 300, 1000) == 300
+    assert kid_subset_size(300, 300, 1000) == 300
     # subsets drawn as torch-fidelity draws them: one RandomState, a then b
     y_long = rng.normal(loc=0.2, size=(420, 6))
-    mean, std = M.kernel_inception_distance(x, y_long, num_subsets=1, subset_size=100, seed=7)
+    mean, std = kernel_inception_distance(x, y_long, num_subsets=1, subset_size=100, seed=7)
     rs = np.random.RandomState(7)
     ia, ib = rs.choice(300, 100, replace=False), rs.choice(420, 100, replace=False)
     assert mean == pytest.approx(_direct_unbiased_mmd2(x[ia], y_long[ib]), rel=1e-10) and std == 0.0
     with pytest.raises(ValueError, match="subset_size"):
-        M.kernel_inception_distance(x, y, subset_size=1)
+        kernel_inception_distance(x, y, subset_size=1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -202,17 +219,17 @@ def test_kid_equals_direct_unbiased_mmd():
 def test_inception_from_hub_cache_matches_pytorch_fid(fid_weights, hub_dir, monkeypatch):
     import pytorch_fid.inception as fid_inception
 
-    cached = hub_dir / "checkpoints" / M.INCEPTION_WEIGHTS_FILE
+    cached = hub_dir / "checkpoints" / INCEPTION_WEIGHTS_FILE
     cached.parent.mkdir(parents=True)
     os.symlink(fid_weights, cached)
-    assert M.inception_weights_path() == cached
+    assert inception_weights_path() == cached
 
-    extractor = M.load_feature_extractor("inception")
-    assert isinstance(extractor, M.FeatureExtractor)
+    extractor = load_feature_extractor("inception")
+    assert isinstance(extractor, FeatureExtractor)
     assert extractor.name == "inception" and extractor.num_features == 2048
     rng = np.random.default_rng(0)
     images = torch.from_numpy(rng.integers(0, 256, size=(1, 3, 40, 48), dtype=np.uint8))
-    features = M.extract_features(extractor, images)  # uint8 is divided by 255
+    features = extract_features(extractor, images)  # uint8 is divided by 255
     assert features.shape == (1, 2048) and features.dtype == np.float64
     assert features.std() > 0
 
@@ -225,40 +242,40 @@ def test_inception_from_hub_cache_matches_pytorch_fid(fid_weights, hub_dir, monk
     np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
     fingerprint = extractor.fingerprint()
-    assert fingerprint["weights"]["file"] == M.INCEPTION_WEIGHTS_FILE
+    assert fingerprint["weights"]["file"] == INCEPTION_WEIGHTS_FILE
     assert fingerprint["weights"]["size"] == fid_weights.stat().st_size
 
 
 def test_inception_missing_and_explicit_weights(fid_weights, hub_dir, tmp_path):
     with pytest.raises(FileNotFoundError) as info:
-        M.load_feature_extractor("inception")
+        load_feature_extractor("inception")
     message = str(info.value)
-    assert M.INCEPTION_WEIGHTS_FILE in message
-    assert M.INCEPTION_WEIGHTS_URL in message and M.INCEPTION_WEIGHTS_URL.startswith("https://github.com/mseitzer/")
-    assert str(hub_dir / "checkpoints" / M.INCEPTION_WEIGHTS_FILE) in message
+    assert INCEPTION_WEIGHTS_FILE in message
+    assert INCEPTION_WEIGHTS_URL in message and INCEPTION_WEIGHTS_URL.startswith("https://github.com/mseitzer/")
+    assert str(hub_dir / "checkpoints" / INCEPTION_WEIGHTS_FILE) in message
     assert "inception_weights" in message
 
-    assert M.inception_weights_path(fid_weights.parent) == fid_weights  # a folder holding the standard file name
-    absent = tmp_path / "nowhere" / M.INCEPTION_WEIGHTS_FILE
+    assert inception_weights_path(fid_weights.parent) == fid_weights  # a folder holding the standard file name
+    absent = tmp_path / "nowhere" / INCEPTION_WEIGHTS_FILE
     with pytest.raises(FileNotFoundError, match="does not exist") as info:
-        M.inception_weights_path(absent)
-    assert str(absent) in str(info.value) and M.INCEPTION_WEIGHTS_URL in str(info.value)
+        inception_weights_path(absent)
+    assert str(absent) in str(info.value) and INCEPTION_WEIGHTS_URL in str(info.value)
 
     explicit = tmp_path / "weights" / "fid_inception.pth"
     explicit.parent.mkdir()
     shutil.copyfile(fid_weights, explicit)
-    extractor = M.load_feature_extractor("inception", weights=explicit)
+    extractor = load_feature_extractor("inception", weights=explicit)
     assert extractor.weights_path == explicit and extractor.num_features == 2048
     with pytest.raises(ValueError, match="input_size"):
-        M.load_feature_extractor("inception", weights=explicit, input_size=224)
+        load_feature_extractor("inception", weights=explicit, input_size=224)
 
 
 def test_inception_refuses_wrong_files(fid_weights, tmp_path):
-    wrong_keys = tmp_path / "wrong_keys" / M.INCEPTION_WEIGHTS_FILE
+    wrong_keys = tmp_path / "wrong_keys" / INCEPTION_WEIGHTS_FILE
     wrong_keys.parent.mkdir()
     torch.save({"conv.weight": torch.zeros(3, 3), "fc.bias": torch.zeros(10)}, wrong_keys)
     with pytest.raises(ValueError, match="not pytorch-fid's FID Inception weights file") as info:
-        M.load_feature_extractor("inception", weights=wrong_keys)
+        load_feature_extractor("inception", weights=wrong_keys)
     assert "missing keys" in str(info.value) and "unexpected keys" in str(info.value)
 
     state = torch.load(fid_weights, map_location="cpu", weights_only=True)
@@ -266,12 +283,12 @@ def test_inception_refuses_wrong_files(fid_weights, tmp_path):
     wrong_shape = tmp_path / "wrong_shape.pth"
     torch.save(state, wrong_shape)
     with pytest.raises(ValueError, match=r"shape mismatch.*fc\.weight"):
-        M.load_feature_extractor("inception", weights=wrong_shape)
+        load_feature_extractor("inception", weights=wrong_shape)
 
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="could not be read"):
-        M.load_feature_extractor("inception", weights=garbage)
+        load_feature_extractor("inception", weights=garbage)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -280,50 +297,59 @@ def test_inception_refuses_wrong_files(fid_weights, tmp_path):
 
 
 def test_fid_grows_with_corruption(torchscript_encoder):
-    extractor = M.load_feature_extractor(torchscript_encoder, input_size=64)
+    extractor = load_feature_extractor(torchscript_encoder, input_size=64)
     assert extractor.name == "tiny_encoder" and extractor.num_features == 24
     clean = _textures(40, seed=0)
-    reference = M.extract_features(extractor, torch.from_numpy(clean), batch_size=16)
+    reference = extract_features(extractor, torch.from_numpy(clean), batch_size=16)
     assert reference.shape == (40, 24)
-    assert abs(M.frechet_distance(reference, reference)) < 1e-8
+    assert abs(frechet_distance(reference, reference)) < 1e-8
 
     rng = np.random.default_rng(1)
     noise = rng.normal(size=clean.shape).astype(np.float32)
     fids = []
     for sigma in (0.02, 0.05, 0.1, 0.2):
         noisy = np.clip(clean + sigma * noise, 0, 1)
-        fids.append(M.frechet_distance(reference, M.extract_features(extractor, torch.from_numpy(noisy))))
+        fids.append(frechet_distance(reference, extract_features(extractor, torch.from_numpy(noisy))))
     assert all(0 < lo < hi for lo, hi in zip(fids, fids[1:])), fids
 
     fids = []
     for sigma in (0.5, 1.0, 2.0):
         blurred = ndimage.gaussian_filter(clean, sigma=(0, 0, sigma, sigma))
-        fids.append(M.frechet_distance(reference, M.extract_features(extractor, torch.from_numpy(blurred))))
+        fids.append(frechet_distance(reference, extract_features(extractor, torch.from_numpy(blurred))))
     assert all(0 < lo < hi for lo, hi in zip(fids, fids[1:])), fids
 
 
 def test_image_value_conventions(torchscript_encoder):
-    extractor = M.load_feature_extractor(torchscript_encoder, input_size=32)
+    extractor = load_feature_extractor(torchscript_encoder, input_size=32)
     rng = np.random.default_rng(0)
     as_uint8 = rng.integers(0, 256, size=(5, 3, 48, 48), dtype=np.uint8)
-    from_uint8 = M.extract_features(extractor, torch.from_numpy(as_uint8))
-    from_float = M.extract_features(extractor, torch.from_numpy(as_uint8.astype(np.float32) / 255), batch_size=2)
-    from_numpy = M.extract_features(extractor, as_uint8)
+    from_uint8 = extract_features(extractor, torch.from_numpy(as_uint8))
+    from_float = extract_features(extractor, torch.from_numpy(as_uint8.astype(np.float32) / 255), batch_size=2)
+    from_numpy = extract_features(extractor, as_uint8)
     # an iterable mixing single images and batches, as a DataLoader or a generator loop yields them
     items = [torch.from_numpy(as_uint8[0]), torch.from_numpy(as_uint8[1:4]), as_uint8[4]]
-    from_iterable = M.extract_features(extractor, items, batch_size=2)
+    from_iterable = extract_features(extractor, items, batch_size=2)
     np.testing.assert_allclose(from_uint8, from_float, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(from_uint8, from_numpy)
     np.testing.assert_allclose(from_uint8, from_iterable, rtol=1e-6, atol=1e-7)
 
     with pytest.raises(ValueError, match="divide by 255"):
-        M.extract_features(extractor, torch.from_numpy(as_uint8.astype(np.float32)))
+        extract_features(extractor, torch.from_numpy(as_uint8.astype(np.float32)))
     with pytest.raises(TypeError, match="uint8"):
-        M.extract_features(extractor, torch.from_numpy(as_uint8.astype(np.int64)))
+        extract_features(extractor, torch.from_numpy(as_uint8.astype(np.int64)))
     with pytest.raises(ValueError, match="permute"):
-        M.extract_features(extractor, torch.from_numpy(as_uint8).permute(0, 2, 3, 1))
-    empty = M.extract_features(extractor, [])
+        extract_features(extractor, torch.from_numpy(as_uint8).permute(0, 2, 3, 1))
+    empty = extract_features(extractor, [])
     assert empty.shape == (0, extractor.num_features)
+
+
+def test_features_in_chunks(torchscript_encoder):
+    extractor = load_feature_extractor(torchscript_encoder, input_size=32)
+    images = np.random.default_rng(0).integers(0, 256, size=(7, 3, 32, 32), dtype=np.uint8)
+    whole = extract_features(extractor, images, batch_size=4)
+    chunked = extract_features_in_chunks(extractor, images, batch_size=2, chunk=3)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-7)
+    assert chunked.dtype == np.float64 and extract_features_in_chunks(extractor, images[:0], 2).shape == (0, 0)
 
 
 def test_user_encoder_kinds(tmp_path):
@@ -332,15 +358,15 @@ def test_user_encoder_kinds(tmp_path):
     pickled = tmp_path / "tokens.pth"
     torch.save(tokens, pickled)
     with pytest.warns(UserWarning, match="executes code"):
-        extractor = M.load_feature_extractor(pickled, input_size=32)
+        extractor = load_feature_extractor(pickled, input_size=32)
     assert extractor.name == "tokens" and extractor.num_features == 6
     images = torch.rand(3, 3, 32, 32)
     expected = tokens((images - extractor.mean) / extractor.std).mean(dim=1).double()
-    np.testing.assert_allclose(M.extract_features(extractor, images), expected.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(extract_features(extractor, images), expected.detach().numpy(), rtol=1e-5, atol=1e-6)
     with pytest.warns(UserWarning, match="executes code"):
-        cls = M.load_feature_extractor(pickled, input_size=32, token_pool="cls")
+        cls = load_feature_extractor(pickled, input_size=32, token_pool="cls")
     np.testing.assert_allclose(
-        M.extract_features(cls, images),
+        extract_features(cls, images),
         tokens((images - cls.mean) / cls.std)[:, 0].double().detach().numpy(),
         rtol=1e-5,
         atol=1e-6,
@@ -350,17 +376,17 @@ def test_user_encoder_kinds(tmp_path):
     cnn = _tiny_cnn()
     batch = torch.export.Dim("batch")
     torch.export.save(torch.export.export(cnn, (torch.rand(4, 3, 32, 32),), dynamic_shapes=({0: batch},)), exported)
-    extractor = M.load_feature_extractor(exported, input_size=32)
+    extractor = load_feature_extractor(exported, input_size=32)
     assert extractor.name == "exported_cnn" and extractor.num_features == 24
     expected = cnn((images - extractor.mean) / extractor.std).flatten(1).double().detach().numpy()
-    np.testing.assert_allclose(M.extract_features(extractor, images, batch_size=2), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(extract_features(extractor, images, batch_size=2), expected, rtol=1e-5, atol=1e-6)
 
     state_only = tmp_path / "state.pth"
     torch.save(tokens.state_dict(), state_only)
     with pytest.warns(UserWarning, match="executes code"), pytest.raises(TypeError, match="not an nn.Module"):
-        M.load_feature_extractor(state_only)
+        load_feature_extractor(state_only)
     with pytest.raises(FileNotFoundError, match="neither 'inception' nor an existing file"):
-        M.load_feature_extractor(tmp_path / "absent.pt")
+        load_feature_extractor(tmp_path / "absent.pt")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -375,27 +401,27 @@ def test_cached_features(tmp_path, torchscript_encoder):
         calls.append(1)
         return np.arange(12, dtype=np.float32).reshape(4, 3)
 
-    extractor = M.load_feature_extractor(torchscript_encoder, input_size=32)
-    key = M.feature_cache_key(tmp_path / "dataset", ["s1", "s2", "s3", "s4"], extractor, image_size=256, split="val")
-    assert key["extractor"]["weights"]["sha256"] == M.file_fingerprint(torchscript_encoder)["sha256"]
-    first = M.cached_features(tmp_path / "cache", key, compute)
-    second = M.cached_features(tmp_path / "cache", dict(reversed(list(key.items()))), compute)
+    extractor = load_feature_extractor(torchscript_encoder, input_size=32)
+    key = feature_cache_key(tmp_path / "dataset", ["s1", "s2", "s3", "s4"], extractor, image_size=256, split="val")
+    assert key["extractor"]["weights"]["sha256"] == file_fingerprint(torchscript_encoder)["sha256"]
+    first = cached_features(tmp_path / "cache", key, compute)
+    second = cached_features(tmp_path / "cache", dict(reversed(list(key.items()))), compute)
     assert len(calls) == 1
     assert first.dtype == np.float64 and np.array_equal(first, second)
     npy_files = sorted((tmp_path / "cache").glob("features-*.npy"))
     assert len(npy_files) == 1
     assert json.loads(npy_files[0].with_suffix(".json").read_text()) == key
 
-    other = M.feature_cache_key(tmp_path / "dataset", ["s1", "s2", "s3"], extractor, image_size=256, split="val")
-    M.cached_features(tmp_path / "cache", other, compute)
+    other = feature_cache_key(tmp_path / "dataset", ["s1", "s2", "s3"], extractor, image_size=256, split="val")
+    cached_features(tmp_path / "cache", other, compute)
     assert len(calls) == 2 and len(list((tmp_path / "cache").glob("features-*.npy"))) == 2
-    M.cached_features(tmp_path / "cache", {**key, "image_size": 128}, compute)
+    cached_features(tmp_path / "cache", {**key, "image_size": 128}, compute)
     assert len(calls) == 3
 
     with pytest.raises(TypeError, match="not JSON-like"):
-        M.cached_features(tmp_path / "cache", {"bad": object()}, compute)
+        cached_features(tmp_path / "cache", {"bad": object()}, compute)
     with pytest.raises(ValueError, match=r"\(N, D\)"):
-        M.cached_features(tmp_path / "cache", {"flat": True}, lambda: np.zeros(5))
+        cached_features(tmp_path / "cache", {"flat": True}, lambda: np.zeros(5))
 
 
 def test_realism_metrics_groups():
@@ -404,7 +430,7 @@ def test_realism_metrics_groups():
     groups_fake = ["A"] * 30 + ["B"] * 20 + ["D"] * 12
     real = rng.normal(size=(len(groups_real), 4))
     fake = rng.normal(loc=0.3, size=(len(groups_fake), 4))
-    result = M.realism_metrics(real, fake, groups_real, groups_fake, kid_subset_size=1000, kid_subsets=5)
+    result = realism_metrics(real, fake, groups_real, groups_fake, kid_subset_size=1000, kid_subsets=5)
     assert result["n_real"] == 60 and result["n_fake"] == 62 and result["kid_subset_size"] == 60
     assert result["fid"] > 0 and result["kid_mean"] > 0
     assert set(result["per_group"]) == {"A", "B"}
@@ -416,9 +442,9 @@ def test_realism_metrics_groups():
     assert "5 real" in result["skipped_groups"]["C"] and "0 real" in result["skipped_groups"]["D"]
     json.dumps(result)  # the report is JSON-serialisable
 
-    overall = M.realism_metrics(real, fake, kid_subsets=5)
+    overall = realism_metrics(real, fake, kid_subsets=5)
     assert overall["per_group"] == {} and overall["fid"] == pytest.approx(result["fid"])
     with pytest.raises(ValueError, match="both groups_real and groups_fake"):
-        M.realism_metrics(real, fake, groups_real=groups_real)
+        realism_metrics(real, fake, groups_real=groups_real)
     with pytest.raises(ValueError, match="one label per row"):
-        M.realism_metrics(real, fake, groups_real[:-1], groups_fake)
+        realism_metrics(real, fake, groups_real[:-1], groups_fake)

@@ -5,41 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from monai.inferers import DiffusionInferer
-from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler
 from torch import nn
 
 from bundle.networks import GeneConditionedUNet, GeneCondNet, LinearGeneCondNet
+from tests.helpers import randomize_zero_init, tiny_unet
 
 NUM_GENES = 12
 DIM = 16
-
-
-def tiny_unet(cross_attention_dim: int | None = DIM, with_conditioning: bool = True) -> DiffusionModelUNet:
-    return DiffusionModelUNet(
-        spatial_dims=2,
-        in_channels=3,
-        out_channels=3,
-        channels=(8, 8),
-        attention_levels=(False, True),
-        num_res_blocks=1,
-        norm_num_groups=8,
-        num_head_channels=8,
-        with_conditioning=with_conditioning,
-        cross_attention_dim=cross_attention_dim,
-    )
-
-
-def randomize_zero_init(unet: DiffusionModelUNet) -> None:
-    """Give weights to the layers MONAI zero-initialises.
-
-    A fresh ``DiffusionModelUNet`` outputs exactly 0 and ignores its context: the output convolution, every resnet
-    block's second convolution and every ``SpatialTransformer``'s ``proj_out`` start at zero.
-    """
-    with torch.no_grad():
-        for param in unet.parameters():
-            if not param.any():
-                param.normal_(std=0.1)
 
 
 def expression(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -272,12 +245,12 @@ def test_encoder_forward_shape_errors(name, num_neighbors, shape, message):
 
 def test_wrapper_rejects_unet_without_conditioning():
     with pytest.raises(ValueError, match="with_conditioning=True"):
-        GeneConditionedUNet(GeneCondNet(NUM_GENES, DIM), tiny_unet(None, with_conditioning=False))
+        GeneConditionedUNet(GeneCondNet(NUM_GENES, DIM), tiny_unet(cross_attention_dim=None))
 
 
 def test_wrapper_rejects_mismatched_cross_attention_dim():
     with pytest.raises(ValueError, match="gene_encoder.cross_attention_dim=16.*cross_attention_dim=8"):
-        GeneConditionedUNet(GeneCondNet(NUM_GENES, DIM), tiny_unet(8))
+        GeneConditionedUNet(GeneCondNet(NUM_GENES, DIM), tiny_unet(cross_attention_dim=8))
 
 
 def test_wrapper_rejects_encoder_without_interface():

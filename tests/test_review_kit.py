@@ -3,6 +3,7 @@ click-through of the page in headless Chromium."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from bundle.review import (
     format_report,
     load_key,
     ratings_table,
+    render_review_page,
     score_answers,
 )
 from scripts.review_kit import main as review_main
@@ -255,6 +257,45 @@ def test_cli_export_and_errors(sources, tmp_path, capsys):
     assert "4 images" in capsys.readouterr().out
     assert review_main(argv + ["--output", str(tmp_path / "kit"), "--key", str(tmp_path / "kit" / "key.json")]) == 1
     assert "would be inside the kit folder" in capsys.readouterr().err
+
+
+# The page of two fixed kits, byte for byte: a change of page.html or of how it is filled changes these digests (update
+# them only for a change of the page made on purpose).
+PAGE_CASES = [
+    (
+        dict(kit_id="0123456789abcdef", images=["img_aaaaaaaaaaaa.png", "img_bbbbbbbbbbbb.png"]),
+        "ad359984341b142a5dddba455b740e0355f4bbe43c2cb3c9f723e8a08269f180",
+    ),
+    (
+        dict(
+            kit_id="fedcba9876543210",
+            images=["img_cccccccccccc.png"],
+            features=[("x", "X <&> y"), ("z</script>", "Z")],
+            title="A <b>&</b> title",
+        ),
+        "03a88ea9952adb4029476f041655eae01a90b2fa566b5b32eb8efcc5327abd2e",
+    ),
+]
+
+
+@pytest.mark.parametrize("kwargs, digest", PAGE_CASES)
+def test_review_page_is_filled_and_unchanged(kwargs, digest):
+    html = render_review_page(**kwargs)
+    assert "__TITLE__" not in html and "__KIT_DATA__" not in html
+    assert html.count('<script id="kit-data" type="application/json">') == 1
+    assert hashlib.sha256(html.encode("utf-8")).hexdigest() == digest
+    data = json.loads(KIT_DATA_RE.search(html).group(1))
+    assert data["kit_id"] == kwargs["kit_id"] and data["images"] == kwargs["images"]
+
+
+def test_exported_page_is_the_rendered_page(sources, tmp_path):
+    real, generated = sources
+    kit = tmp_path / "kit"
+    export_review_kit(real, generated, 2, kit, tmp_path / "key.json", seed=0, title="Kit <1>")
+    data = _kit_data(kit)
+    expected = render_review_page(data["kit_id"], data["images"], title="Kit <1>")
+    assert (kit / "index.html").read_bytes() == expected.encode("utf-8")
+    assert "__KIT_DATA__" not in expected and "<title>Kit &lt;1&gt;</title>" in expected
 
 
 # ------------------------------------------------------------------------------------------------------------- score

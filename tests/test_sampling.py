@@ -9,6 +9,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from bundle.handlers import save_pair_grid
 from bundle.networks import GeneConditionedUNet, GeneCondNet
+from bundle.sampling.grids import pair_rows, save_image_grid
 from bundle.sampling.pipeline import ExpressionToTissuePipeline, seeded_generators
 
 
@@ -96,6 +97,29 @@ def test_pair_grid_written(tmp_path):
     assert grid[0, 0].tolist() == [0, 0, 0] and grid[6, 0].tolist() == [255, 255, 255]  # real row, then generated
     with pytest.raises(ValueError, match="differ in shape"):
         save_pair_grid(real, fake[:2], tmp_path / "h.png")
+
+
+def test_image_grid_layout_groups_and_labels(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rows = [torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.5)]
+    plain = np.asarray(Image.open(save_image_grid(rows, tmp_path / "plain.png")))
+    assert plain.shape == (3 * 4 + 2 * 2, 2 * 4 + 2, 3)
+    assert plain[0, 0].tolist() == [0, 0, 0] and plain[4, 0].tolist() == [255] * 3 and plain[6, 0].tolist() == [255] * 3
+    assert plain[12, 0].tolist() == [128] * 3  # third row, after two gaps
+    # real above generated, groups of two rows twice the gap apart; the last group padded with white patches
+    real, fake = torch.zeros(3, 3, 4, 4), torch.full((3, 3, 4, 4), 0.5)
+    grouped = pair_rows(real, fake, columns=2)
+    assert len(grouped) == 4 and all(r.shape == (2, 3, 4, 4) for r in grouped)
+    image = np.asarray(Image.open(save_image_grid(grouped, tmp_path / "pairs.png", rows_per_group=2)))
+    assert image.shape == (4 * 4 + 2 + 4 + 2, 10, 3)
+    assert image[14, 0].tolist() == [0, 0, 0] and image[12, 0].tolist() == [255] * 3  # group 2 starts after 4 px
+    assert (image[14:, 6:] == 255).all()  # no fourth spot: white
+    labelled = np.asarray(Image.open(save_image_grid(rows, tmp_path / "l.png", ["a", "b", "c"], ["s1", "s2"])))
+    assert labelled.shape[0] == plain.shape[0] + 14 and labelled.shape[1] > plain.shape[1]
+    with pytest.raises(ValueError, match="one shape"):
+        save_image_grid([torch.zeros(2, 3, 4, 4), torch.zeros(1, 3, 4, 4)], tmp_path / "bad.png")
 
 
 def test_per_sample_generators_do_not_depend_on_batch(pipeline):

@@ -1,4 +1,5 @@
-"""Whole-slide synthesis (``bundle.sampling.slide.synthesize_slide``), the seam metric and the streamed pyramid writer."""
+"""Whole-slide synthesis (``bundle.sampling.slide.synthesize_slide``, its plan, inputs and report), the seam metric
+and the streamed pyramid writer."""
 
 from __future__ import annotations
 
@@ -18,13 +19,10 @@ from bundle.geometry import hex_neighbors, lattice_offsets
 from bundle.io.tiff import downsample_by_two, write_pyramidal_tiff, write_pyramidal_tiff_streamed
 from bundle.networks import GeneConditionedUNet, GeneCondNet
 from bundle.sampling.pipeline import ExpressionToTissuePipeline
-from bundle.sampling.slide import (
-    initial_canvas_noise,
-    interpolate_expression,
-    seam_score,
-    synthesize_slide,
-    window_weights,
-)
+from bundle.sampling.seams import seam_score
+from bundle.sampling.slide import initial_canvas_noise, interpolate_expression, synthesize_slide, window_weights
+from bundle.sampling.slide_io import format_summary, save_thumbnail, spots_from_dataset, spots_from_input
+from bundle.sampling.slide_plan import plan_slide
 
 FOV_UM = 128.0  # tiny model: 16-px patches (decoder x2) of 8x8 latents, so 8 um/px and 16 um per latent pixel
 NUM_GENES = 5
@@ -245,6 +243,74 @@ def test_upsampled_output_pixel_size(tmp_path: Path, pipeline, spots) -> None:
         region_um=(150, 150, 342, 342), mpp=FOV_UM / 16 / 2, seed=1, compression="none",
     )  # fmt: skip
     assert summary["mpp"] == pytest.approx(4.0) and summary["shape"] == (48, 48) and summary["window_px"] == 32
+
+
+def test_plan_resolves_settings_and_lays_out_tissue_windows(tmp_path: Path, pipeline, spots) -> None:
+    settings = dict(
+        patch_fov_um=FOV_UM, neighbors=spots["neighbors"], mpp=None, overlap=0.5, blend=True, num_inference_steps=None,
+        guidance_scale=None, seed=3, batch_size=4, tissue_distance_um=None, sigma_um=None, pitch_um=None,
+        region_um=(150, 150, 342, 342), tile_size=256, compression="none", quality=90, min_level_size=256,
+    )  # fmt: skip
+    plan = plan_slide(pipeline, spots["positions_um"], spots["expression"], tmp_path / "s.tif", **settings)
+    assert plan.layout.grid == (2, 2) and plan.shape == (24, 24) and plan.factor == 2 and plan.mpp == 8.0
+    assert (
+        plan.pitch == pytest.approx(100.0) and plan.sigma == pytest.approx(40.0) and plan.radius == pytest.approx(150)
+    )
+    assert plan.steps == 2 and plan.scale == 3.0 and plan.num_neighbors == 6 and len(plan.offsets) == 6
+    assert plan.window_px == 16 and plan.stride_px == 8 and len(plan.layout.starts) == 4
+    naive = plan_slide(pipeline, spots["positions_um"], spots["expression"], tmp_path / "s.tif",
+                       **{**settings, "blend": False})  # fmt: skip
+    assert naive.stride_px == naive.window_px == 16
+    with pytest.raises(ValueError, match="whole number"):
+        plan_slide(pipeline, spots["positions_um"], spots["expression"], tmp_path / "s.tif", **{**settings, "mpp": 3.0})
+    assert list(tmp_path.iterdir()) == []  # planning writes nothing
+
+
+def test_spots_of_a_dataset_folder_and_of_a_csv(tmp_path: Path) -> None:
+    import json
+
+    genes = ["A", "B", "C"]
+    (tmp_path / "gene_panel.json").write_text(json.dumps({"genes": genes}))
+    np.save(tmp_path / "expression.npy", np.arange(12, dtype=np.float32).reshape(4, 3))
+    item = dict(mpp=0.5, neighbors=[-1] * 6)
+    datalist = {
+        "training": [
+            {**item, "sample": "S1", "expression": 0, "location": [100, 200], "neighbors": [2, -1, -1, -1, -1, -1]},
+            {**item, "sample": "S2", "expression": 1, "location": [0, 0]},
+        ],
+        "validation": [{**item, "sample": "S1", "expression": 2, "location": [300, 200]}],
+    }
+    (tmp_path / "datalist.json").write_text(json.dumps(datalist))
+    spots = spots_from_dataset(tmp_path, "S1", genes)
+    np.testing.assert_array_equal(spots["positions_um"], [[50.0, 100.0], [150.0, 100.0]])
+    np.testing.assert_array_equal(spots["expression"], [[0, 1, 2], [6, 7, 8]])
+    assert spots["neighbors"].tolist() == [[1, -1, -1, -1, -1, -1], [-1] * 6] and spots["sample"] == "S1"
+    with pytest.raises(ValueError, match="S9.*S1"):
+        spots_from_dataset(tmp_path, "S9", genes)
+    with pytest.raises(ValueError):
+        spots_from_dataset(tmp_path, "S1", ["A", "C", "B"])
+    with pytest.raises(FileNotFoundError, match="prepare_dataset"):
+        spots_from_dataset(tmp_path / "missing", "S1", genes)
+
+    counts = "spot_id,A,B,C,total_counts,x_um,y_um\ns1,1,2,3,10,10.0,20.0\ns2,4,0,1,10,110.0,20.0\n"
+    (tmp_path / "spots.csv").write_text(counts)
+    normalization = {"method": "normalize_total+log1p", "target_sum": 10000.0}
+    from_csv = spots_from_input(tmp_path / "spots.csv", genes, normalization)
+    np.testing.assert_array_equal(from_csv["positions_um"], [[10.0, 20.0], [110.0, 20.0]])
+    assert from_csv["expression"].shape == (2, 3) and from_csv["neighbors"].shape == (2, 6)
+    (tmp_path / "no_xy.csv").write_text("spot_id,A,B,C,total_counts\ns1,1,2,3,10\n")
+    with pytest.raises(ValueError, match="no spot positions"):
+        spots_from_input(tmp_path / "no_xy.csv", genes, normalization)
+
+
+def test_summary_text_and_thumbnail(slide: dict, tmp_path: Path) -> None:
+    from PIL import Image
+
+    text = format_summary({**slide, "timings_s": {**slide["timings_s"]}})
+    height, width = slide["shape"]
+    assert text.startswith(f"wrote {slide['path']}: {width} x {height} px at 8 um/px") and "seam score" in text
+    thumbnail = save_thumbnail(slide["path"], tmp_path / "thumb.png", max_size=20)
+    assert max(Image.open(thumbnail).size) <= 20
 
 
 # --- seams ----------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from bundle.io.slides import available_backends
+from bundle.io.spots import check_counts
 from bundle.transforms import (
     LoadExpressiond,
     LoadWSIPatch,
@@ -23,7 +24,6 @@ from bundle.transforms import (
     SelectGenes,
     SelectGenesd,
     SpatialContextd,
-    check_counts,
 )
 from tests.helpers import realdata
 

@@ -32,10 +32,24 @@ from typing import Any
 
 import numpy as np
 
-from bundle.geometry import VISIUM_SPOT_DIAMETER_UM, hex_neighbors, radius_neighbors
+from bundle.geometry import (
+    HEX_OFFSETS,
+    NEIGHBOR_RADIUS_PITCHES,
+    VISIUM_PITCH_UM,
+    VISIUM_SPOT_DIAMETER_UM,
+    spot_neighbors,
+)
 from bundle.io.gene_panel import select_gene_panel
-from bundle.io.slides import read_slide_info
-from bundle.io.spots import get_counts, log_normalize, read_hest_metadata, read_st, spot_diameter_px, spot_table
+from bundle.io.slides import SlideInfo, read_slide_info
+from bundle.io.spots import (
+    get_counts,
+    library_sizes,
+    log_normalize,
+    read_hest_metadata,
+    read_st,
+    spot_diameter_px,
+    spot_table,
+)
 from bundle.utils import replace_dir, write_json_atomic
 
 # manifest split name -> datalist key (MONAI decathlon layout)
@@ -172,7 +186,8 @@ def _check_geometry(sample: str, table: dict, slide, diameter_px: float | None, 
     if spot_spacing_um and "array_row" in table:
         r, c = table["array_row"], table["array_col"]
         idx = {(a, b): i for i, (a, b) in enumerate(zip(r, c))}
-        pairs = [(i, idx[(a, b + 2)]) for i, (a, b) in enumerate(zip(r, c)) if (a, b + 2) in idx]
+        dr, dc = HEX_OFFSETS[1]  # the next spot along an array row, one pitch away
+        pairs = [(i, idx[(a + dr, b + dc)]) for i, (a, b) in enumerate(zip(r, c)) if (a + dr, b + dc) in idx]
         if pairs:
             i, j = np.asarray(pairs).T
             spacing_um = float(np.median(np.hypot(table["x"][i] - table["x"][j], table["y"][i] - table["y"][j]))) * mpp
@@ -181,6 +196,229 @@ def _check_geometry(sample: str, table: dict, slide, diameter_px: float | None, 
                     f"Sample {sample!r}: neighbouring spots are {spacing_um:.1f} um apart at {mpp} um/px, but the array "
                     f"spacing is {spot_spacing_um:.0f} um: the pixel size (mpp) or the coordinates' scale is wrong."
                 )
+
+
+@dataclass
+class _Sample:
+    """One manifest sample while the dataset is built: its counts, slide and spot table, then its QC outcome."""
+
+    row: ManifestRow
+    counts: Any  # CSR raw counts, (spots, genes)
+    genes: list[str]
+    slide: SlideInfo
+    table: dict[str, np.ndarray]
+    library: np.ndarray | None = None
+    reason: np.ndarray | None = None  # per spot: "" (kept) or why it was dropped
+
+    @property
+    def kept(self) -> np.ndarray:
+        return self.reason == ""
+
+
+def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Refuse to write into a non-empty folder unless ``overwrite``."""
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"Dataset folder {str(output_dir)!r} exists and is not empty; pass overwrite=True to replace it."
+        )
+
+
+def _read_sample(row: ManifestRow, backend: str | None, spot_spacing_um: float | None) -> _Sample:
+    """Read one sample's counts, slide (pixel size from the manifest, the HEST metadata or the slide) and spots."""
+    adata = read_st(row.st_path)
+    counts, sample_genes = get_counts(adata, row.layer, name=f"sample {row.sample_id!r} ({row.st_path})")
+    mpp, mpp_source = row.mpp, "manifest"
+    if mpp is None and row.metadata_path is not None:
+        meta = read_hest_metadata(row.metadata_path)
+        mpp, mpp_source = meta["mpp"], f"hest:{meta['mpp_key']}"
+    slide = read_slide_info(row.slide_path, backend=backend, mpp=mpp)
+    if slide.mpp_source == "explicit":
+        slide.mpp_source = mpp_source
+    table = spot_table(adata)
+    _check_geometry(row.sample_id, table, slide, spot_diameter_px(adata), spot_spacing_um)
+    return _Sample(row, counts, sample_genes, slide, table)
+
+
+def _common_genes(samples: Sequence[_Sample]) -> list[str]:
+    """Genes measured in every sample, in the first sample's order."""
+    common = set(samples[0].genes)
+    for sample in samples[1:]:
+        common &= set(sample.genes)
+    return [g for g in samples[0].genes if g in common]
+
+
+def _check_requested_panel(genes: Sequence[str], samples: Sequence[_Sample]) -> list[str]:
+    """The requested panel as strings; raises naming the genes a sample lacks."""
+    genes = [str(g) for g in genes]
+    for sample in samples:
+        absent = [g for g in genes if g not in set(sample.genes)]
+        if absent:
+            raise ValueError(
+                f"{len(absent)} gene(s) of the requested panel are absent from sample {sample.row.sample_id!r}: "
+                f"{absent[:20]}{' ...' if len(absent) > 20 else ''}. Check the spelling (gene symbols, e.g. "
+                "'EPCAM'), or remove them from the panel."
+            )
+    return genes
+
+
+def _quality_control(sample: _Sample, fov_um: float, min_counts: int) -> dict[str, Any]:
+    """Mark why each spot is dropped (not in tissue, too few counts, patch leaving the slide); return the summary."""
+    table, slide = sample.table, sample.slide
+    library = library_sizes(sample.counts)
+    half = fov_um / slide.mpp / 2.0
+    height, width = slide.size
+    reason = np.full(len(library), "", dtype=object)
+    reason[table["in_tissue"] != 1] = "not_in_tissue"
+    low = (reason == "") & (library < min_counts)
+    reason[low] = "too_few_counts"
+    leaves = (reason == "") & (
+        (table["x"] - half < 0) | (table["y"] - half < 0) | (table["x"] + half > width) | (table["y"] + half > height)
+    )
+    reason[leaves] = "patch_leaves_slide"
+    sample.library, sample.reason = library, reason
+    summary = {
+        "split": sample.row.split,
+        "spots": int(len(library)),
+        "kept": int(sample.kept.sum()),
+        **{why: int((reason == why).sum()) for why in ("not_in_tissue", "too_few_counts", "patch_leaves_slide")},
+        "mpp": slide.mpp,
+        "mpp_source": slide.mpp_source,
+    }
+    if not sample.kept.any():
+        raise ValueError(
+            f"Sample {sample.row.sample_id!r} keeps no spot after QC ({summary}); check min_counts ({min_counts}), "
+            f"fov_um ({fov_um}) and the in_tissue flags."
+        )
+    return summary
+
+
+def _gene_columns(sample: _Sample, genes: Sequence[str]) -> list[int]:
+    """Column of each of ``genes`` in the sample's count matrix."""
+    position = {g: j for j, g in enumerate(sample.genes)}
+    return [position[g] for g in genes]
+
+
+def _choose_panel(
+    samples: Sequence[_Sample], genes: list[str] | None, all_genes: list[str], n_top_genes: int, target_sum: float
+) -> tuple[list[str], dict[str, Any]]:
+    """The gene panel and how it was chosen: as given, or the most variable genes of the kept training spots."""
+    if genes is not None:
+        return genes, {"method": "given"}
+    train = [s for s in samples if s.row.split == "train"]
+    if not train:
+        raise ValueError("No sample has split 'train': the gene panel is chosen on training samples only.")
+    matrices = [s.counts[s.kept][:, _gene_columns(s, all_genes)] for s in train]
+    libraries = [s.library[s.kept] for s in train]
+    genes = select_gene_panel(matrices, libraries, all_genes, n_top_genes, target_sum)
+    selection = {
+        "method": "highly_variable_genes",
+        "flavor": "seurat",
+        "n_top_genes": n_top_genes,
+        "samples": [s.row.sample_id for s in train],
+    }
+    return genes, selection
+
+
+def _datalist_entries(sample: _Sample, offset: int, spot_spacing_um: float | None) -> list[dict[str, Any]]:
+    """Datalist entries of a sample's kept spots; their expression rows start at ``offset``."""
+    table, slide, kept = sample.table, sample.slide, sample.kept
+    lattice = "array_row" in table
+    neighbors = spot_neighbors(
+        table["array_row"][kept] if lattice else None,
+        table["array_col"][kept] if lattice else None,
+        np.stack([table["x"][kept], table["y"][kept]], axis=1),
+        radius=NEIGHBOR_RADIUS_PITCHES * (spot_spacing_um or VISIUM_PITCH_UM) / slide.mpp,
+    )
+    neighbors = np.where(neighbors >= 0, neighbors + offset, -1)
+    image = str(Path(slide.path).resolve())
+    return [
+        {
+            "image": image,
+            "location": [float(table["x"][i]), float(table["y"][i])],
+            "mpp": slide.mpp,
+            "expression": offset + local,
+            "neighbors": neighbors[local].tolist(),
+            "sample": sample.row.sample_id,
+            "patient": sample.row.patient,
+            "barcode": str(table["barcode"][i]),
+            "split": sample.row.split,
+            "library_size": float(sample.library[i]),
+        }
+        for local, i in enumerate(np.flatnonzero(kept))
+    ]
+
+
+def _spot_rows(sample: _Sample) -> list[list]:
+    """``spots.csv`` rows of every spot of a sample, kept or not."""
+    table = sample.table
+    return [
+        [
+            sample.row.sample_id,
+            table["barcode"][i],
+            f"{table['x'][i]:.2f}",
+            f"{table['y'][i]:.2f}",
+            int(sample.library[i]),
+            sample.reason[i] or "kept",
+        ]
+        for i in range(len(sample.library))
+    ]
+
+
+def _assemble(
+    samples: Sequence[_Sample], genes: list[str], target_sum: float, spot_spacing_um: float | None
+) -> dict[str, Any]:
+    """The expression and count stores, the datalist and the ``spots.csv`` rows of all samples' kept spots."""
+    expression_parts, count_parts, spot_rows = [], [], []
+    datalist: dict[str, list] = {key: [] for key in SPLIT_KEYS.values()}
+    offset = 0
+    for sample in samples:
+        kept = sample.kept
+        panel_counts = sample.counts[kept][:, _gene_columns(sample, genes)]
+        count_parts.append(panel_counts.toarray().astype(np.int32))
+        expression_parts.append(log_normalize(panel_counts, sample.library[kept], target_sum))
+        datalist[SPLIT_KEYS[sample.row.split]].extend(_datalist_entries(sample, offset, spot_spacing_um))
+        spot_rows.extend(_spot_rows(sample))
+        offset += int(kept.sum())
+    return {
+        "expression": np.concatenate(expression_parts, axis=0),
+        "counts": np.concatenate(count_parts, axis=0),
+        "datalist": datalist,
+        "spot_rows": spot_rows,
+        "num_spots": offset,
+    }
+
+
+def _panel_record(genes: list[str], target_sum: float, selection: dict[str, Any]) -> dict[str, Any]:
+    """The ``gene_panel.json`` contents: genes, normalisation and how the genes were selected."""
+    return {
+        "genes": list(genes),
+        "normalization": {
+            "method": "normalize_total+log1p",
+            "target_sum": target_sum,
+            "library_size": "total counts of the spot over all measured genes",
+            "null_value": -1.0,
+        },
+        "selection": selection,
+    }
+
+
+def _write_dataset(output_dir: Path, stores: dict[str, Any], files: dict[str, Any]) -> None:
+    """Write the stores, ``spots.csv`` and the JSON ``files`` into a temporary sibling, then rename it into place."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        np.save(staging / "expression.npy", stores["expression"])
+        np.save(staging / "counts.npy", stores["counts"])
+        for name, content in files.items():
+            write_json_atomic(staging / name, content)
+        with (staging / "spots.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["sample", "barcode", "x", "y", "total_counts", "qc"])
+            writer.writerows(stores["spot_rows"])
+        replace_dir(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def prepare_dataset(
@@ -192,7 +430,7 @@ def prepare_dataset(
     min_counts: int = 100,
     target_sum: float = 1e4,
     backend: str | None = None,
-    spot_spacing_um: float | None = 100.0,
+    spot_spacing_um: float | None = VISIUM_PITCH_UM,
     overwrite: bool = False,
     verbose: bool = True,
 ) -> dict[str, Any]:
@@ -219,185 +457,38 @@ def prepare_dataset(
         The QC summary (also written to ``qc_summary.json``).
     """
     output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"Dataset folder {str(output_dir)!r} exists and is not empty; pass overwrite=True to replace it."
-        )
+    _check_output_dir(output_dir, overwrite)
     if fov_um <= 0:
         raise ValueError(f"fov_um must be positive micrometres, got {fov_um}.")
-    rows = read_manifest(manifest)
-
-    samples = []
-    for row in rows:
-        adata = read_st(row.st_path)
-        counts, sample_genes = get_counts(adata, row.layer, name=f"sample {row.sample_id!r} ({row.st_path})")
-        mpp, mpp_source = row.mpp, "manifest"
-        if mpp is None and row.metadata_path is not None:
-            meta = read_hest_metadata(row.metadata_path)
-            mpp, mpp_source = meta["mpp"], f"hest:{meta['mpp_key']}"
-        slide = read_slide_info(row.slide_path, backend=backend, mpp=mpp)
-        if slide.mpp_source == "explicit":
-            slide.mpp_source = mpp_source
-        table = spot_table(adata)
-        _check_geometry(row.sample_id, table, slide, spot_diameter_px(adata), spot_spacing_um)
-        samples.append((row, counts, sample_genes, slide, table))
-
-    # genes measured in every sample, in the first sample's order
-    common = set(samples[0][2])
-    for s in samples[1:]:
-        common &= set(s[2])
-    all_genes = [g for g in samples[0][2] if g in common]
+    samples = [_read_sample(row, backend, spot_spacing_um) for row in read_manifest(manifest)]
+    all_genes = _common_genes(samples)
     if genes is not None:
-        genes = [str(g) for g in genes]
-        for row, _, sample_genes, _, _ in samples:
-            absent = [g for g in genes if g not in set(sample_genes)]
-            if absent:
-                raise ValueError(
-                    f"{len(absent)} gene(s) of the requested panel are absent from sample {row.sample_id!r}: "
-                    f"{absent[:20]}{' ...' if len(absent) > 20 else ''}. Check the spelling (gene symbols, e.g. "
-                    "'EPCAM'), or remove them from the panel."
-                )
-
-    # QC
+        genes = _check_requested_panel(genes, samples)
     summary: dict[str, Any] = {"samples": {}}
-    kept_per_sample = []
-    for row, counts, sample_genes, slide, table in samples:
-        library = np.asarray(counts.sum(axis=1)).ravel()
-        half = fov_um / slide.mpp / 2.0
-        height, width = slide.size
-        reason = np.full(len(library), "", dtype=object)
-        reason[table["in_tissue"] != 1] = "not_in_tissue"
-        low = (reason == "") & (library < min_counts)
-        reason[low] = "too_few_counts"
-        leaves = (reason == "") & (
-            (table["x"] - half < 0)
-            | (table["y"] - half < 0)
-            | (table["x"] + half > width)
-            | (table["y"] + half > height)
-        )
-        reason[leaves] = "patch_leaves_slide"
-        kept = reason == ""
-        kept_per_sample.append((kept, library, reason))
-        summary["samples"][row.sample_id] = {
-            "split": row.split,
-            "spots": int(len(library)),
-            "kept": int(kept.sum()),
-            "not_in_tissue": int((reason == "not_in_tissue").sum()),
-            "too_few_counts": int((reason == "too_few_counts").sum()),
-            "patch_leaves_slide": int((reason == "patch_leaves_slide").sum()),
-            "mpp": slide.mpp,
-            "mpp_source": slide.mpp_source,
-        }
-        if not kept.any():
-            raise ValueError(
-                f"Sample {row.sample_id!r} keeps no spot after QC ({summary['samples'][row.sample_id]}); check min_counts "
-                f"({min_counts}), fov_um ({fov_um}) and the in_tissue flags."
-            )
-
-    # gene panel
-    if genes is None:
-        train = [i for i, s in enumerate(samples) if s[0].split == "train"]
-        if not train:
-            raise ValueError("No sample has split 'train': the gene panel is chosen on training samples only.")
-        gene_pos = [{g: j for j, g in enumerate(s[2])} for s in samples]
-        matrices = [samples[i][1][kept_per_sample[i][0]][:, [gene_pos[i][g] for g in all_genes]] for i in train]
-        libraries = [kept_per_sample[i][1][kept_per_sample[i][0]] for i in train]
-        genes = select_gene_panel(matrices, libraries, all_genes, n_top_genes, target_sum)
-        selection = {
-            "method": "highly_variable_genes",
-            "flavor": "seurat",
-            "n_top_genes": n_top_genes,
-            "samples": [samples[i][0].sample_id for i in train],
-        }
-    else:
-        selection = {"method": "given"}
-
-    # stores and datalist
-    expression_parts, count_parts, spot_rows = [], [], []
-    datalist: dict[str, list] = {key: [] for key in SPLIT_KEYS.values()}
-    offset = 0
-    for (row, counts, sample_genes, slide, table), (kept, library, reason) in zip(samples, kept_per_sample):
-        pos = {g: j for j, g in enumerate(sample_genes)}
-        panel_counts = counts[kept][:, [pos[g] for g in genes]]
-        count_parts.append(panel_counts.toarray().astype(np.int32))
-        expression_parts.append(log_normalize(panel_counts, library[kept], target_sum))
-        kept_idx = np.flatnonzero(kept)
-        if "array_row" in table:
-            neighbors = hex_neighbors(table["array_row"][kept], table["array_col"][kept])
-        else:
-            xy = np.stack([table["x"][kept], table["y"][kept]], axis=1)
-            neighbors = radius_neighbors(xy, radius=1.25 * (spot_spacing_um or 100.0) / slide.mpp)
-        neighbors = np.where(neighbors >= 0, neighbors + offset, -1)
-        for local, i in enumerate(kept_idx):
-            datalist[SPLIT_KEYS[row.split]].append(
-                {
-                    "image": str(Path(slide.path).resolve()),
-                    "location": [float(table["x"][i]), float(table["y"][i])],
-                    "mpp": slide.mpp,
-                    "expression": offset + local,
-                    "neighbors": neighbors[local].tolist(),
-                    "sample": row.sample_id,
-                    "patient": row.patient,
-                    "barcode": str(table["barcode"][i]),
-                    "split": row.split,
-                    "library_size": float(library[i]),
-                }
-            )
-        for i in range(len(library)):
-            spot_rows.append(
-                [
-                    row.sample_id,
-                    table["barcode"][i],
-                    f"{table['x'][i]:.2f}",
-                    f"{table['y'][i]:.2f}",
-                    int(library[i]),
-                    reason[i] or "kept",
-                ]
-            )
-        offset += len(kept_idx)
-
-    summary["total_kept"] = offset
+    for sample in samples:
+        summary["samples"][sample.row.sample_id] = _quality_control(sample, fov_um, min_counts)
+    genes, selection = _choose_panel(samples, genes, all_genes, n_top_genes, target_sum)
+    stores = _assemble(samples, genes, target_sum, spot_spacing_um)
+    summary["total_kept"] = stores["num_spots"]
     summary["genes"] = len(genes)
-    summary["splits"] = {k: len(v) for k, v in datalist.items()}
-    panel = {
-        "genes": list(genes),
-        "normalization": {
-            "method": "normalize_total+log1p",
-            "target_sum": target_sum,
-            "library_size": "total counts of the spot over all measured genes",
-            "null_value": -1.0,
-        },
-        "selection": selection,
+    summary["splits"] = {k: len(v) for k, v in stores["datalist"].items()}
+    record = {
+        "manifest": str(Path(manifest).resolve()),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "fov_um": fov_um,
+        "min_counts": min_counts,
+        "spot_spacing_um": spot_spacing_um,
+        "num_spots": stores["num_spots"],
+        "num_genes": len(genes),
+        "stores": {"expression.npy": "log1p(normalize_total) float32", "counts.npy": "raw counts int32"},
     }
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
-        np.save(staging / "expression.npy", np.concatenate(expression_parts, axis=0))
-        np.save(staging / "counts.npy", np.concatenate(count_parts, axis=0))
-        write_json_atomic(staging / "datalist.json", datalist)
-        write_json_atomic(staging / "gene_panel.json", panel)
-        write_json_atomic(staging / "qc_summary.json", summary)
-        with (staging / "spots.csv").open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["sample", "barcode", "x", "y", "total_counts", "qc"])
-            writer.writerows(spot_rows)
-        write_json_atomic(
-            staging / "dataset.json",
-            {
-                "manifest": str(Path(manifest).resolve()),
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "fov_um": fov_um,
-                "min_counts": min_counts,
-                "spot_spacing_um": spot_spacing_um,
-                "num_spots": offset,
-                "num_genes": len(genes),
-                "stores": {"expression.npy": "log1p(normalize_total) float32", "counts.npy": "raw counts int32"},
-            },
-        )
-        replace_dir(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    files = {
+        "datalist.json": stores["datalist"],
+        "gene_panel.json": _panel_record(genes, target_sum, selection),
+        "qc_summary.json": summary,
+        "dataset.json": record,
+    }
+    _write_dataset(output_dir, stores, files)
     if verbose:
         print(format_qc_summary(summary))
     return summary

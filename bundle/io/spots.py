@@ -1,7 +1,15 @@
-"""Reading spots: Space Ranger folders, ``.h5ad`` (HEST), legacy tables and CSVs, raw counts and their
-normalisation, and :func:`read_spots`, which turns any of them into conditions for a trained model's gene panel.
+"""Reading spots and their counts: Space Ranger folders, ``.h5ad`` files (HEST) and CSV tables.
 
-scanpy and anndata are imported inside the functions that need them, so ``import bundle`` stays light.
+Two readers share the same count extraction (:func:`get_counts`, checked by :func:`check_counts`), library size
+(:func:`library_sizes`) and normalisation (:func:`log_normalize`), so that generation sees expression exactly as
+training did:
+
+- the dataset builder (``bundle.io.dataset``) reads whole samples with :func:`read_st`, :func:`spot_table` and
+  :func:`spot_diameter_px`;
+- :func:`read_spots` turns a Space Ranger folder, ``.h5ad`` or CSV into conditions for a trained model's gene panel
+  (a :class:`SpotExpression`).
+
+scanpy, anndata and pandas are imported inside the functions that need them, so ``import bundle`` stays light.
 """
 
 from __future__ import annotations
@@ -16,9 +24,21 @@ from typing import Any
 
 import numpy as np
 
+from bundle.geometry import NEIGHBOR_RADIUS_PITCHES, VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM, spot_neighbors
 from bundle.utils import read_json
 
 logger = logging.getLogger(__name__)
+
+# CSV columns that describe a spot rather than a gene
+CSV_ID_COLUMNS = ("spot_id", "barcode", "id", "spot")
+CSV_META_COLUMNS = ("sample", "array_row", "array_col", "x_um", "y_um", "total_counts", "in_tissue")
+# where raw counts come from, for error messages
+RAW_COUNTS_HINT = "the Space Ranger matrix, adata.raw, or a counts layer (manifest column `layer`)"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# AnnData sources
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def read_spaceranger(path: str | os.PathLike, count_file: str = "filtered_feature_bc_matrix.h5"):
@@ -63,20 +83,40 @@ def read_spaceranger(path: str | os.PathLike, count_file: str = "filtered_featur
     return adata
 
 
-def read_h5ad(path: str | os.PathLike):
-    """Read an ``.h5ad`` file whose ``obsm["spatial"]`` holds ``(x, y)`` level-0 pixel spot centres."""
+def read_h5ad(path: str | os.PathLike, require_spatial: bool = True):
+    """Read an ``.h5ad`` file whose ``obsm["spatial"]`` holds ``(x, y)`` level-0 pixel spot centres.
+
+    Args:
+        path: the file.
+        require_spatial: refuse a file without ``obsm["spatial"]`` (the dataset builder needs the spot centres).
+    """
     import anndata
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"h5ad file {str(path)!r} does not exist.")
     adata = anndata.read_h5ad(path)
-    if "spatial" not in adata.obsm:
+    if require_spatial and "spatial" not in adata.obsm:
         raise ValueError(
             f"{str(path)!r} has no obsm['spatial'] (spot centres as (x, y) level-0 pixels); add it before preparing."
         )
     adata.var_names_make_unique()
     return adata
+
+
+def read_st(path: str | os.PathLike, require_spatial: bool = True):
+    """Read spatial transcriptomics from a Space Ranger folder or an ``.h5ad`` file (HEST samples are h5ad).
+
+    Args:
+        path: Space Ranger ``outs/`` folder or ``.h5ad`` file.
+        require_spatial: refuse an ``.h5ad`` file without ``obsm["spatial"]`` (see :func:`read_h5ad`).
+    """
+    path = Path(path)
+    if path.is_dir():
+        return read_spaceranger(path)
+    if path.suffix.lower() == ".h5ad":
+        return read_h5ad(path, require_spatial=require_spatial)
+    raise ValueError(f"Cannot read {str(path)!r}: st_path must be a Space Ranger folder or an .h5ad file.")
 
 
 def read_hest_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -96,20 +136,55 @@ def read_hest_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def read_st(path: str | os.PathLike):
-    """Read spatial transcriptomics from a Space Ranger folder or an ``.h5ad`` file (HEST samples are h5ad)."""
-    path = Path(path)
-    if path.is_dir():
-        return read_spaceranger(path)
-    if path.suffix == ".h5ad":
-        return read_h5ad(path)
-    raise ValueError(f"Cannot read {str(path)!r}: st_path must be a Space Ranger folder or an .h5ad file.")
+# ----------------------------------------------------------------------------------------------------------------------
+# counts, library sizes and normalisation
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_counts(values: Any, name: str = "counts", remedy: str | None = None) -> None:
+    """Raise ``ValueError`` unless ``values`` (array, tensor or matrix data) are raw counts: non-negative whole numbers.
+
+    Args:
+        values: the values to check.
+        name: what the values are, for the message (e.g. a sample id).
+        remedy: what to do instead, for the message; defaults to using the raw counts or skipping normalisation.
+    """
+    if hasattr(values, "detach"):  # a torch tensor
+        values = values.detach().cpu().numpy()
+    values = np.asarray(values)
+    if values.size == 0:
+        return
+    if remedy is None:
+        remedy = (
+            f"Use the raw counts ({RAW_COUNTS_HINT}), or skip normalisation for data that is already log-normalised."
+        )
+    if values.min() < 0:
+        raise ValueError(
+            f"{name} has negative values (min {values.min():.4g}), so it is not raw counts (scaled or centred data?). "
+            f"{remedy}"
+        )
+    if np.issubdtype(values.dtype, np.floating):
+        fractional = values != np.round(values)
+        if fractional.any():
+            bad = values[fractional][:3]
+            raise ValueError(
+                f"{name} has non-integer values (e.g. {np.round(bad, 4).tolist()}), so it is not raw counts (it looks "
+                f"log-normalised). {remedy}"
+            )
+
+
+def _layer(adata, layer: str, name: str):
+    """``adata.layers[layer]``, with an error naming the layers there are."""
+    if layer not in adata.layers:
+        raise ValueError(f"{name}: layer {layer!r} not found; available layers: {list(adata.layers)}.")
+    return adata.layers[layer]
 
 
 def get_counts(adata, layer: str | None = None, name: str = "sample"):
     """Return ``(counts, gene_names)``: a CSR matrix of raw counts and the matching gene names.
 
-    Looks in ``layer`` when given, else ``adata.raw`` when present, else ``X``, and checks that the values are counts.
+    Looks in ``layer`` when given, else ``adata.raw`` when present, else ``X``, and checks that the values are counts
+    (:func:`check_counts`).
 
     Raises:
         ValueError: the values are negative or not whole numbers (log-normalised or scaled data), naming ``name``.
@@ -117,40 +192,50 @@ def get_counts(adata, layer: str | None = None, name: str = "sample"):
     from scipy import sparse
 
     if layer is not None:
-        if layer not in adata.layers:
-            raise ValueError(f"{name}: layer {layer!r} not found; available layers: {list(adata.layers)}.")
-        matrix, genes, source = adata.layers[layer], list(adata.var_names), f"layer {layer!r}"
+        matrix, genes, source = _layer(adata, layer, name), list(adata.var_names), f"layer {layer!r}"
     elif adata.raw is not None:
         matrix, genes, source = adata.raw.X, list(adata.raw.var_names), "adata.raw"
     else:
         matrix, genes, source = adata.X, list(adata.var_names), "X"
     matrix = sparse.csr_matrix(matrix)
-    values = matrix.data
-    if values.size and values.min() < 0:
-        raise ValueError(
-            f"{name}: {source} has negative values (min {values.min():.4g}), so it is not raw counts (scaled data?). "
-            "Provide raw counts: the Space Ranger matrix, adata.raw, or a counts layer (manifest column `layer`)."
-        )
-    if values.size and not np.all(np.equal(np.mod(values, 1), 0)):
-        bad = values[np.mod(values, 1) != 0][:3]
-        raise ValueError(
-            f"{name}: {source} has non-integer values (e.g. {np.round(bad, 4).tolist()}), so it is not raw counts "
-            "(it looks log-normalised). Provide raw counts: the Space Ranger matrix, adata.raw, or a counts layer "
-            "(manifest column `layer`)."
-        )
+    check_counts(matrix.data, f"{name}: {source}", remedy=f"Provide raw counts: {RAW_COUNTS_HINT}.")
     return matrix, genes
 
 
+def library_sizes(counts) -> np.ndarray:
+    """Total counts of each spot (row) over all measured genes: the library size that normalisation divides by."""
+    return np.asarray(counts.sum(axis=1)).ravel()
+
+
 def log_normalize(counts, library_size: np.ndarray, target_sum: float) -> np.ndarray:
+    """``log1p(counts * target_sum / library_size)`` as float32 (scanpy's ``normalize_total`` + ``log1p``).
+
+    Args:
+        counts: ``(spots, genes)`` raw counts (dense or sparse), e.g. the panel genes only.
+        library_size: each spot's total over *all* measured genes (:func:`library_sizes`); values below 1 count as 1.
+        target_sum: total each spot is scaled to.
+    """
     from scipy import sparse
 
     scaled = sparse.diags(target_sum / np.maximum(library_size, 1.0)) @ sparse.csr_matrix(counts, dtype=np.float64)
     return np.log1p(scaled.toarray()).astype(np.float32)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# spot positions
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _spatial_xy(adata) -> np.ndarray:
+    """``(N, 2)`` float64 spot centres ``(x, y)`` of ``obsm["spatial"]`` (full-resolution pixels)."""
+    return np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
+
+
 def spot_table(adata) -> dict[str, np.ndarray]:
+    """Barcodes, centres ``x``/``y`` (pixels), ``in_tissue`` flags (1 when absent) and, when present, the array
+    coordinates ``array_row``/``array_col`` of every spot of an AnnData."""
     obs = adata.obs
-    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
+    xy = _spatial_xy(adata)
     n = adata.n_obs
     table = {
         "barcode": np.asarray(adata.obs_names, dtype=str),
@@ -165,6 +250,7 @@ def spot_table(adata) -> dict[str, np.ndarray]:
 
 
 def spot_diameter_px(adata) -> float | None:
+    """Spot diameter in full-resolution pixels from Space Ranger's scale factors (``spot_diameter_fullres``), or None."""
     for library in (adata.uns.get("spatial") or {}).values():
         value = (library.get("scalefactors") or {}).get("spot_diameter_fullres")
         if value:
@@ -172,10 +258,9 @@ def spot_diameter_px(adata) -> float | None:
     return None
 
 
-# CSV columns that describe a spot rather than a gene
-CSV_ID_COLUMNS = ("spot_id", "barcode", "id", "spot")
-CSV_META_COLUMNS = ("sample", "array_row", "array_col", "x_um", "y_um", "total_counts", "in_tissue")
-NEIGHBOR_RADIUS_UM = 125.0  # spots closer than this are neighbours when only positions are known (100 um lattice)
+# ----------------------------------------------------------------------------------------------------------------------
+# spots for generation
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -240,18 +325,17 @@ def _check_values(values: np.ndarray, what: str, normalized: bool) -> None:
         return
     if not np.isfinite(values).all():
         raise ValueError(f"{what} contains NaN or infinite values; fill missing measurements (e.g. with 0) first.")
-    if values.min() < 0:
-        raise ValueError(
-            f"{what} has negative values (min {values.min():.4g}): expected "
-            f"{'log1p(normalize_total) values (>= 0)' if normalized else 'raw counts'}; scaled or centred data cannot "
-            "be used."
+    if not normalized:
+        check_counts(
+            values,
+            what,
+            remedy="Give raw counts, or set normalized=True (--normalized True) if the values are already "
+            "log1p(normalize_total) with the model's target sum.",
         )
-    if not normalized and not np.all(np.equal(np.mod(values, 1), 0)):
-        bad = values[np.mod(values, 1) != 0][:3]
+    elif values.min() < 0:
         raise ValueError(
-            f"{what} has non-integer values (e.g. {np.round(bad, 4).tolist()}), so it is not raw counts. Give raw "
-            "counts, or set normalized=True (--normalized True) if the values are already log1p(normalize_total) "
-            "with the model's target sum."
+            f"{what} has negative values (min {values.min():.4g}): expected log1p(normalize_total) values (>= 0); "
+            "scaled or centred data cannot be used."
         )
 
 
@@ -279,21 +363,11 @@ def _anndata_sample(adata: Any, path: Path) -> str:
     return path.stem
 
 
-def _neighbors_from_positions(positions_um: np.ndarray | None) -> np.ndarray | None:
-    """Up to 6 spots within :data:`NEIGHBOR_RADIUS_UM` of each spot, as prepare_dataset finds them without a lattice."""
-    from bundle.geometry import radius_neighbors
-
-    return None if positions_um is None else radius_neighbors(positions_um, radius=NEIGHBOR_RADIUS_UM)
-
-
 def _read_anndata_spots(
     adata: Any, genes: list[str], target_sum: float, layer: str | None, normalized: bool, mpp: float | None, what: str
 ) -> tuple[list[str], np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Ids, expression, neighbours and positions of an AnnData from Space Ranger or an h5ad file."""
     from scipy import sparse
-
-    from bundle.geometry import hex_neighbors
-    from bundle.io.spots import get_counts, log_normalize, spot_diameter_px
 
     if "in_tissue" in adata.obs and (np.asarray(adata.obs["in_tissue"]) == 0).any():
         keep = np.asarray(adata.obs["in_tissue"]) != 0
@@ -303,9 +377,7 @@ def _read_anndata_spots(
         raise ValueError(f"{what} holds no spot.")
     ids = _unique_ids(adata.obs_names, what)
     if normalized:
-        if layer is not None and layer not in adata.layers:
-            raise ValueError(f"{what}: layer {layer!r} not found; available layers: {list(adata.layers)}.")
-        matrix = adata.layers[layer] if layer is not None else adata.X
+        matrix = _layer(adata, layer, what) if layer is not None else adata.X
         columns = _panel_columns(genes, list(adata.var_names), what)
         values = sparse.csr_matrix(matrix)[:, columns].toarray().astype(np.float32)
         _check_values(values, what, normalized=True)
@@ -313,21 +385,21 @@ def _read_anndata_spots(
     else:
         counts, all_genes = get_counts(adata, layer, name=what)
         columns = _panel_columns(genes, all_genes, what)
-        library = np.asarray(counts.sum(axis=1)).ravel()
-        expression = log_normalize(counts[:, columns], library, target_sum)
+        expression = log_normalize(counts[:, columns], library_sizes(counts), target_sum)
     if mpp is None:
         diameter_px = spot_diameter_px(adata)
         if diameter_px:
-            from bundle.geometry import VISIUM_SPOT_DIAMETER_UM
-
             mpp = VISIUM_SPOT_DIAMETER_UM / diameter_px
     positions_um = None
     if "spatial" in adata.obsm and mpp is not None:
-        positions_um = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2] * float(mpp)
-    if "array_row" in adata.obs and "array_col" in adata.obs:
-        neighbors = hex_neighbors(np.asarray(adata.obs["array_row"]), np.asarray(adata.obs["array_col"]))
-    else:
-        neighbors = _neighbors_from_positions(positions_um)
+        positions_um = _spatial_xy(adata) * float(mpp)
+    lattice = "array_row" in adata.obs and "array_col" in adata.obs
+    neighbors = spot_neighbors(
+        np.asarray(adata.obs["array_row"]) if lattice else None,
+        np.asarray(adata.obs["array_col"]) if lattice else None,
+        positions_um,
+        radius=NEIGHBOR_RADIUS_PITCHES * VISIUM_PITCH_UM,
+    )
     return ids, expression, neighbors, positions_um
 
 
@@ -336,9 +408,6 @@ def _read_csv_spots(
 ) -> tuple[list[str], np.ndarray, np.ndarray | None, np.ndarray | None, str | None]:
     """Ids, expression, neighbours, positions and sample of a CSV/TSV with one spot a row and one gene a column."""
     import pandas as pd
-
-    from bundle.geometry import hex_neighbors
-    from bundle.io.spots import log_normalize
 
     sep = "\t" if path.suffix.lower() in (".tsv", ".txt") or path.name.lower().endswith(".tsv.gz") else ","
     table = pd.read_csv(path, sep=sep)
@@ -390,10 +459,13 @@ def _read_csv_spots(
     positions_um = None
     if "x_um" in meta and "y_um" in meta:
         positions_um = np.stack([meta["x_um"].to_numpy(np.float64), meta["y_um"].to_numpy(np.float64)], axis=1)
-    if "array_row" in meta and "array_col" in meta:
-        neighbors = hex_neighbors(meta["array_row"].to_numpy(), meta["array_col"].to_numpy())
-    else:
-        neighbors = _neighbors_from_positions(positions_um)
+    lattice = "array_row" in meta and "array_col" in meta
+    neighbors = spot_neighbors(
+        meta["array_row"].to_numpy() if lattice else None,
+        meta["array_col"].to_numpy() if lattice else None,
+        positions_um,
+        radius=NEIGHBOR_RADIUS_PITCHES * VISIUM_PITCH_UM,
+    )
     samples = meta["sample"].astype(str).unique().tolist() if "sample" in meta else []
     if len(samples) > 1:
         raise ValueError(f"{what} mixes the samples {samples[:5]}; give one sample (capture area) per file.")
@@ -454,17 +526,8 @@ def read_spots(
             "genes."
         )
     if path.is_dir() or path.suffix.lower() == ".h5ad":
-        if path.is_dir():
-            from bundle.io.spots import read_spaceranger
-
-            what = f"Space Ranger folder {str(path)!r}"
-            adata = read_spaceranger(path)
-        else:
-            import anndata
-
-            what = f"h5ad file {str(path)!r}"
-            adata = anndata.read_h5ad(path)
-            adata.var_names_make_unique()
+        what = f"{'Space Ranger folder' if path.is_dir() else 'h5ad file'} {str(path)!r}"
+        adata = read_st(path, require_spatial=False)
         ids, expression, neighbors, positions_um = _read_anndata_spots(
             adata, genes, target_sum, layer, normalized, mpp, what
         )

@@ -195,10 +195,7 @@ def write_pyramidal_tiff_streamed(
             f"source must be an array-like with shape, dtype and slicing (e.g. np.memmap of shape (H, W, 3), uint8), "
             f"got {type(source).__name__}."
         )
-    if len(shape) != 3 or shape[2] != 3 or shape[0] < 1 or shape[1] < 1:
-        raise ValueError(f"source must have shape (H, W, 3) (RGB, channels last), got shape {tuple(shape)}.")
-    if np.dtype(dtype) != np.uint8:
-        raise ValueError(f"source must have dtype uint8, got {dtype}; scale it to 0-255 and store it as uint8.")
+    _check_pixels(shape, dtype, "source")
     compression = check_write_arguments(path, mpp, tile_size, compression, quality, min_level_size)
     if workdir is not None and not Path(workdir).is_dir():
         raise FileNotFoundError(f"workdir {str(workdir)!r} does not exist; create it or pass workdir=None.")
@@ -311,19 +308,22 @@ def _write_pyramid(
     return path
 
 
+def _check_pixels(shape: tuple, dtype, what: str) -> None:
+    """Raise a ``ValueError`` naming what is wrong unless ``shape`` and ``dtype`` are those of RGB uint8 pixels."""
+    if len(shape) != 3 or shape[2] != 3:
+        raise ValueError(
+            f"{what} must have shape (H, W, 3) (RGB, channels last), got shape {tuple(shape)}; "
+            "convert grayscale or RGBA images to RGB first."
+        )
+    if np.dtype(dtype) != np.uint8:
+        raise ValueError(f"{what} must have dtype uint8, got {dtype}; scale it to 0-255 and store it as uint8.")
+    if shape[0] < 1 or shape[1] < 1:
+        raise ValueError(f"{what} must have at least one pixel, got shape {tuple(shape)}.")
+
+
 def _check_image(image: np.ndarray) -> np.ndarray:
     """Return ``image`` as a C-contiguous (H, W, 3) uint8 array or raise a ``ValueError`` naming what is wrong."""
     if not isinstance(image, np.ndarray):
         raise ValueError(f"image must be a numpy array of shape (H, W, 3) and dtype uint8, got {type(image).__name__}.")
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(
-            f"image must have shape (H, W, 3) (RGB, channels last), got shape {image.shape}; "
-            "convert grayscale or RGBA images to RGB first."
-        )
-    if image.dtype != np.uint8:
-        raise ValueError(
-            f"image must have dtype uint8, got {image.dtype}; scale it to 0-255 and cast with astype(np.uint8)."
-        )
-    if image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError(f"image must have at least one pixel, got shape {image.shape}.")
+    _check_pixels(image.shape, image.dtype, "image")
     return np.ascontiguousarray(image)

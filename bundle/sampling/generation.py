@@ -1,11 +1,11 @@
 """Generation: load a trained model, read spots' expression, generate one H&E patch per spot, write PNGs + manifest.
 
-``configs/inference.json`` wires these pieces into a MONAI ``SupervisedEvaluator``: :func:`read_spots` reads a Space
-Ranger folder, an ``.h5ad`` or a CSV and normalises it like the training data, :func:`spot_datalist` makes one
-dictionary per spot (condition with neighbours, seed), :class:`PipelineInferer` runs the
-:class:`~bundle.sampling.pipeline.ExpressionToTissuePipeline` of :func:`load_pipeline` with one seeded generator per spot, and
-:class:`PatchWriter` writes the PNGs and ``manifest.csv`` into a staging folder that becomes the output folder only
-when everything is written.
+``configs/inference.json`` wires these pieces into a MONAI ``SupervisedEvaluator``: :func:`bundle.io.spots.read_spots`
+reads a Space Ranger folder, an ``.h5ad`` or a CSV and normalises it like the training data, :func:`spot_datalist`
+makes one dictionary per spot (condition with neighbours, seed), :class:`PipelineInferer` runs the
+:class:`~bundle.sampling.pipeline.ExpressionToTissuePipeline` of :func:`load_pipeline` with one seeded generator per
+spot, and :class:`PatchWriter` writes the PNGs and ``manifest.csv`` into a staging folder that becomes the output
+folder only when everything is written. :func:`read_inference_config` merges the configs for the scripts.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,9 @@ from monai.inferers import Inferer
 from torch import nn
 
 from bundle.io.spots import SpotExpression
+from bundle.sampling.grids import to_uint8
 from bundle.sampling.pipeline import ExpressionToTissuePipeline, seeded_generators
-from bundle.utils import atomic_path
+from bundle.utils import jsonable
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +96,27 @@ def load_pipeline(
     return pipeline
 
 
+def read_inference_config(config_files: Sequence[str | os.PathLike], overrides: Mapping[str, Any] | None = None):
+    """The bundle configs merged in order (later files override earlier ones), with the ``overrides`` that are not None.
+
+    The scripts take the pipeline, the spots and the settings from it, as ``configs/inference.json`` defines them.
+
+    Returns:
+        a ``monai.bundle.ConfigParser``.
+    """
+    from monai.bundle import ConfigParser
+
+    missing = [str(f) for f in config_files if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"config file(s) {missing} do not exist; pass existing files to --config-file.")
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in config_files])
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            parser[key] = value
+    return parser
+
+
 def build_conditions(spots: SpotExpression, num_neighbors: int, indices: Sequence[int] | None = None) -> torch.Tensor:
     """The model's conditions ``(N, 1 + K, G)``: each spot followed by its ``K`` neighbours (as ``SpatialContextd``).
 
@@ -101,7 +124,7 @@ def build_conditions(spots: SpotExpression, num_neighbors: int, indices: Sequenc
     expression, as in training.
 
     Args:
-        spots: from :func:`read_spots`.
+        spots: from :func:`bundle.io.spots.read_spots`.
         num_neighbors: the model's ``num_neighbors`` (0: the spot alone, ``(N, 1, G)``).
         indices: rows of ``spots`` to build conditions for (default: all); neighbours may be any spot of ``spots``.
     """
@@ -194,12 +217,12 @@ def spot_datalist(
     unknown) and ``edits`` (``;``-joined).
 
     Args:
-        spots: from :func:`read_spots`.
+        spots: from :func:`bundle.io.spots.read_spots`.
         num_neighbors: the model's ``num_neighbors``.
         seed: base seed.
         spot_ids: ids to generate (default: all), see :func:`select_spots`.
         num_spots: at most this many spots, spread over the selection.
-        edits: counterfactual edits (``"immune*4"``, ``"CD3E=2"``; :mod:`bundle.edits`) applied to every spot.
+        edits: counterfactual edits (``"immune*4"``, ``"CD3E=2"``; :mod:`bundle.sampling.edits`) applied to every spot.
         gene_sets: named gene sets the edits may use (default: the built-in ones).
     """
     from bundle.sampling.edits import apply_edits, parse_edit, resolve_edit
@@ -308,11 +331,6 @@ class PipelineInferer(Inferer):
         )
 
 
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """``(3, H, W)`` [0, 1] image to an ``(H, W, 3)`` uint8 array."""
-    return (image.detach().float().cpu().permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
-
-
 def patch_filename(index: int, spot_id: str) -> str:
     """``<index>_<id>.png`` with characters other than letters, digits, ``.``, ``-`` and ``_`` replaced."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(spot_id)).strip("._") or "spot"
@@ -377,12 +395,11 @@ class PatchWriter:
             )
 
     def started(self, engine) -> None:
-        import tempfile
-
         self.check_output_dir()
         self.output_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.output_dir.name}.partial-", dir=self.output_dir.parent))
-        self.staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should be an ordinary folder
+        # an ordinary folder (permissions from the umask), unlike tempfile.mkdtemp's private one
+        self.staging = self.output_dir.parent / f".{self.output_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.staging.mkdir()
         self.rows = []
         self._start = time.perf_counter()
         total = len(getattr(engine.data_loader, "dataset", []) or []) or None
@@ -425,11 +442,7 @@ class PatchWriter:
             writer.writeheader()
             writer.writerows(self.rows)
         seconds = time.perf_counter() - self._start
-        summary = {
-            **{k: _jsonable(v) for k, v in self.metadata.items()},
-            "num_patches": len(self.rows),
-            "seconds": round(seconds, 2),
-        }
+        summary = {**jsonable(self.metadata), "num_patches": len(self.rows), "seconds": round(seconds, 2)}
         (self.staging / "generation.json").write_text(json.dumps(summary, indent=2) + "\n")
         replace_dir(self.staging, self.output_dir)
         self.staging = None
@@ -452,74 +465,6 @@ class PatchWriter:
             self._bar = None
 
 
-def _umask() -> int:
-    """The process umask (read by setting it and setting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _number(value: Any) -> float | str:
     value = float(value)
     return "" if math.isnan(value) else round(value, 3)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return str(value)
-
-
-def save_image_grid(
-    rows: Sequence[torch.Tensor],
-    path: str | os.PathLike,
-    row_labels: Sequence[str] | None = None,
-    column_labels: Sequence[str] | None = None,
-    gap: int = 2,
-) -> Path:
-    """Save rows of ``(S, 3, H, W)`` [0, 1] patches as one PNG grid (row ``r``, column ``s``), atomically.
-
-    With labels, a white margin on the left holds ``row_labels`` and one on top ``column_labels``.
-
-    Returns:
-        The path written.
-    """
-    from PIL import Image, ImageDraw, ImageFont
-
-    if not rows:
-        raise ValueError("no rows to put in the grid.")
-    shape = tuple(rows[0].shape)
-    if any(tuple(r.shape) != shape for r in rows) or len(shape) != 4:
-        shapes = [tuple(r.shape) for r in rows]
-        raise ValueError(f"every row must hold (S, 3, H, W) patches of one shape, got {shapes}.")
-    columns, _, h, w = shape
-    font = ImageFont.load_default()
-    left = 0
-    top = 0
-    if row_labels:
-        left = max(int(font.getlength(str(t))) for t in row_labels) + 6
-    if column_labels:
-        top = 14
-    canvas = np.full((top + len(rows) * (h + gap) - gap, left + columns * (w + gap) - gap, 3), 255, np.uint8)
-    for r, images in enumerate(rows):
-        for c in range(columns):
-            y, x = top + r * (h + gap), left + c * (w + gap)
-            canvas[y : y + h, x : x + w] = to_uint8(images[c])
-    image = Image.fromarray(canvas)
-    if row_labels or column_labels:
-        draw = ImageDraw.Draw(image)
-        for r, text in enumerate(row_labels or []):
-            draw.text((2, top + r * (h + gap) + h // 2 - 5), str(text), fill=(0, 0, 0), font=font)
-        for c, text in enumerate(column_labels or []):
-            label = str(text)
-            while label and font.getlength(label) > w:
-                label = label[:-1]
-            draw.text((left + c * (w + gap), 1), label, fill=(0, 0, 0), font=font)
-    with atomic_path(path, suffix=".png") as tmp:
-        image.save(tmp, format="PNG", optimize=True)
-        tmp.chmod(0o666 & ~_umask())  # atomic_path's temporary file is private
-    return Path(path)

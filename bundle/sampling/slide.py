@@ -1,16 +1,30 @@
-"""Whole-slide images: writing pyramidal TIFF slides that every reader of the bundle opens, and synthesising them.
+"""Whole-slide synthesis: a synthetic H&E slide for a whole spot array, generated with a patch model and written as a
+tiled pyramidal TIFF (:func:`bundle.io.tiff.write_pyramidal_tiff_streamed`) that memory does not grow with.
 
-Writing. :func:`write_pyramidal_tiff` (an image in memory) and :func:`write_pyramidal_tiff_streamed` (level 0 read
-block by block, e.g. from an ``np.memmap``) produce the simplest layout that tifffile, cuCIM, OpenSlide and MONAI's
-``WSIReader`` (all three backends) agree on: a tiled, JPEG-compressed RGB TIFF whose pyramid levels are top-level
-pages (SubIFD levels are invisible to MONAI's readers), each page carrying its own pixel size in the standard
-resolution tags.
+:func:`synthesize_slide` runs these steps (details in ``docs/whole_slide.md``):
 
-Synthesis. :func:`synthesize_slide` generates a synthetic H&E slide for a whole spot array with a patch model: one
-latent canvas denoised jointly by overlapping windows (MultiDiffusion-style blending), each conditioned on the
-expression interpolated over the hex lattice at the window, decoded window by window with pixel-space blending and
-streamed to disk, so memory does not grow with the slide. :func:`seam_score` measures how visible window borders are.
-See ``docs/whole_slide.md``.
+1. **Plan** (:func:`bundle.sampling.slide_plan.plan_slide`): check the inputs, then lay out one latent canvas at the
+   model's resolution (a latent pixel covers ``patch_fov_um / latent width`` micrometres: 8 um for the demo model),
+   covered by windows of the model's latent size with a stride of ``(1 - overlap)`` windows. It spans the spots'
+   bounding box plus ``tissue_distance_um`` and half a window on every side (or ``region_um``). A window is *tissue*
+   when an in-tissue spot lies within ``tissue_distance_um`` of its centre; other windows are background: never
+   denoised nor decoded, their pixels white (255).
+2. **Window conditions** (:func:`_window_conditions`) interpolated over the hex lattice: a window's condition is the
+   Gaussian-weighted mean (:func:`interpolate_expression`, ``sigma_um``) of the log-normalised expression of the spots
+   within ``1.5 * max(pitch, tissue_distance_um)`` of its centre; for models with neighbours, neighbour ``k``'s
+   condition is interpolated at the centre plus the lattice's ``k``-th hex offset
+   (:func:`bundle.geometry.lattice_offsets`), or is the centre's condition where that point is off the tissue (no spot
+   within ``tissue_distance_um``), as in training, where a missing neighbour is the spot itself.
+3. **Canvas and noise** (:func:`_create_canvas`): the seeded initial latents (:func:`initial_canvas_noise`) and the
+   summed window weights :func:`window_weights` (outer product of two sine-squared ramps).
+4. **Joint denoising** (:func:`_denoise_canvas`, MultiDiffusion): at every timestep each tissue window's guided model
+   output is accumulated into the canvas with the window weights, divided by the summed weights, and one scheduler step
+   is taken on the whole canvas (steps are elementwise, so this equals averaging the per-window steps of deterministic
+   samplers). Overlapping windows thus agree at every step.
+5. **Decoding** (:func:`_decode_canvas`): overlapping windows decoded and blended in pixel space with the same ramps,
+   band by band of window rows; each finished band of pixels goes to a raw level-0 file.
+6. **Seam score** (:func:`_slide_seam_score`, :class:`bundle.sampling.seams.SeamStatistics`) of the synthesised
+   pixels at the window borders, and **writing** the pyramidal TIFF.
 """
 
 from __future__ import annotations
@@ -27,20 +41,17 @@ from typing import Any
 
 import numpy as np
 
-from bundle.geometry import estimate_spot_pitch, lattice_offsets
-from bundle.io.tiff import check_write_arguments, pyramid_level_shapes, write_pyramidal_tiff_streamed
+from bundle.io.tiff import pyramid_level_shapes, write_pyramidal_tiff_streamed
+from bundle.sampling.seams import STRIP_ROWS, SeamStatistics
+from bundle.sampling.slide_plan import SlidePlan, plan_slide
 from bundle.utils import memmap_array
 
 logger = logging.getLogger(__name__)
 
 
-"""Centre-to-centre distance of Visium spots; used when the pitch cannot be measured (fewer than two spots)."""
-
-
 _NOISE_ROWS = 64  # latent rows per chunk of initial and step noise: fixed, so the slide does not depend on chunking
 _KNN = 19  # spots considered per interpolated point: a spot and two hexagonal rings around it
 _COLUMN_BLOCK = 4096  # pixel columns finalised at a time
-_SEAM_ROWS = 128  # pixel rows per strip of the seam statistics
 
 
 def window_weights(size: int) -> np.ndarray:
@@ -131,201 +142,28 @@ def _derived_seed(*entropy: int) -> int:
     return int(np.random.SeedSequence([int(v) for v in entropy]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 
-class SeamStatistics:
-    """Running seam statistics of an image read strip by strip (see :func:`seam_score`).
+@dataclass
+class _Canvas:
+    """The slide's latents and their blending weights, ``np.memmap`` files of the scratch folder."""
 
-    Args:
-        height: image height in pixels.
-        width: image width in pixels.
-        window_px: window size in pixels.
-        stride_px: distance between window starts in pixels.
-        offset: pixel position ``(y, x)`` (or one int for both) of the first window's top-left corner.
-        period: compare with inside pairs at the same phase modulo ``period`` only (see :func:`seam_score`).
-    """
-
-    def __init__(
-        self, height: int, width: int, window_px: int, stride_px: int, offset: int | Sequence[int] = 0, period: int = 1
-    ) -> None:
-        if window_px < 1 or stride_px < 1 or period < 1:
-            raise ValueError(
-                f"window_px, stride_px and period must be positive pixel counts, got {window_px}, {stride_px} and "
-                f"{period}."
-            )
-        if window_px % period or stride_px % period:
-            raise ValueError(
-                f"window_px ({window_px}) and stride_px ({stride_px}) must be multiples of period ({period})."
-            )
-        oy, ox = (int(offset), int(offset)) if np.isscalar(offset) else (int(offset[0]), int(offset[1]))
-        self.height, self.width = int(height), int(width)
-        self.row_border = self._borders(self.height, window_px, stride_px, oy)
-        self.column_border = self._borders(self.width, window_px, stride_px, ox)
-        # pairs used as the reference: the same phase as the borders modulo period (True where counted at all)
-        self.row_phase = (np.arange(len(self.row_border)) - oy) % period == 0
-        self.column_phase = (np.arange(len(self.column_border)) - ox) % period == 0
-        self.sums = np.zeros(4)  # border sum, border count, inside sum, inside count
-        self._last: tuple[np.ndarray, np.ndarray] | None = None
-        self._next_row = 0
-
-    @staticmethod
-    def _borders(length: int, window: int, stride: int, offset: int) -> np.ndarray:
-        """``border[i]``: whether pixels ``i - 1`` and ``i`` lie on two sides of a window's start or end."""
-        border = np.zeros(max(length, 1), dtype=bool)
-        first = offset - ((offset + window) // stride + 1) * stride  # a start left of (or at) the image's start
-        for start in range(first, length + stride, stride):
-            for edge in (start, start + window):
-                if 0 < edge < length:
-                    border[edge] = True
-        return border
-
-    def update(self, strip: np.ndarray, mask: np.ndarray | None = None) -> None:
-        """Add the next rows ``(h, W, C)`` or ``(h, W)`` of the image; ``mask`` ``(h, W)`` marks pixels to compare."""
-        strip = np.asarray(strip)
-        values = strip.astype(np.float32)
-        if values.ndim == 2:
-            values = values[..., None]
-        mask = np.ones(values.shape[:2], dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
-        if values.shape[1] != self.width or mask.shape != values.shape[:2]:
-            raise ValueError(f"strip must be (rows, {self.width}, C) with a (rows, {self.width}) mask, got "
-                             f"{strip.shape} and {mask.shape}.")  # fmt: skip
-        row0 = self._next_row
-        self._next_row += values.shape[0]
-        # pairs along x within the strip
-        diff = np.abs(values[:, 1:] - values[:, :-1]).mean(axis=-1)
-        valid = mask[:, 1:] & mask[:, :-1] & self.column_phase[None, 1 : self.width]
-        self._add(diff, valid, self.column_border[None, 1 : self.width])
-        # pairs along y, including the one across the previous strip
-        if self._last is not None:
-            values = np.concatenate([self._last[0], values])
-            mask = np.concatenate([self._last[1], mask])
-            row0 -= 1
-        if values.shape[0] > 1:
-            diff = np.abs(values[1:] - values[:-1]).mean(axis=-1)
-            rows = slice(row0 + 1, row0 + values.shape[0])
-            self._add(diff, mask[1:] & mask[:-1] & self.row_phase[rows][:, None], self.row_border[rows][:, None])
-        self._last = (values[-1:], mask[-1:])
-
-    def _add(self, diff: np.ndarray, valid: np.ndarray, border: np.ndarray) -> None:
-        border = np.broadcast_to(border, diff.shape)
-        on, off = valid & border, valid & ~border
-        self.sums += (float(diff[on].sum()), float(on.sum()), float(diff[off].sum()), float(off.sum()))
+    latents: np.ndarray  # (C, H, W): the initial noise, then denoised in place
+    accumulator: np.ndarray  # (C, H, W): the weighted window outputs of one step
+    weight_sum: np.ndarray  # (H, W): summed window weights, 0 on background
+    inverse_weights: np.ndarray  # (H, W): 1 / weight_sum, 0 on background
+    window_weights: np.ndarray  # (window, window): the weights of one window
 
     @property
-    def score(self) -> float:
-        """Mean difference across window borders over the mean difference inside windows (NaN when undefined)."""
-        border_sum, border_n, inside_sum, inside_n = self.sums
-        if border_n == 0 or inside_n == 0 or inside_sum == 0:
-            return float("nan")
-        return float((border_sum / border_n) / (inside_sum / inside_n))
-
-
-def seam_score(
-    image: np.ndarray,
-    window_px: int,
-    stride_px: int | None = None,
-    offset: int | Sequence[int] = 0,
-    mask: np.ndarray | None = None,
-    period: int = 1,
-) -> float:
-    """How visible window seams are: 1 means none, above 1 means the windows show.
-
-    The statistic is the mean absolute intensity difference (averaged over channels) between adjacent pixels that lie
-    on two sides of a window border (a window's first or last column or row: columns ``b - 1`` and ``b``), divided by
-    the same mean over all other adjacent pixel pairs (inside windows), pooling horizontal and vertical pairs. A
-    tiling whose windows disagree at their borders has larger jumps there than anywhere else; a seamless image has
-    the same statistics on and off the borders.
-
-    A decoder that upsamples latents by ``f`` can make pairs across latent-pixel boundaries differ more than pairs
-    inside a latent pixel everywhere, and window borders always fall on latent-pixel boundaries; ``period=f`` compares
-    the border pairs with the inside pairs at the same phase only (pairs ``(b - 1, b)`` with ``b - offset`` a
-    multiple of ``f``), so this decoder pattern does not count as a seam. :func:`synthesize_slide` does so.
-
-    Args:
-        image: ``(H, W)`` or ``(H, W, C)`` image (any numeric dtype; an ``np.memmap`` is read strip by strip).
-        window_px: window size in pixels.
-        stride_px: distance between window starts; defaults to ``window_px`` (non-overlapping tiles).
-        offset: pixel ``(y, x)`` (or one int for both) of a window's top-left corner; borders repeat every
-            ``stride_px`` from there.
-        mask: optional ``(H, W)`` bool array; only pairs of two masked pixels count (e.g. the synthesised tissue,
-            without the white background, whose edges are window borders too).
-        period: reference pairs only at multiples of ``period`` from ``offset`` (1: all inside pairs).
-
-    Returns:
-        The ratio, or NaN when the image has no border pair or no inside pair (e.g. a single window).
-    """
-    image = np.asarray(image) if not isinstance(image, np.memmap) else image
-    if image.ndim not in (2, 3):
-        raise ValueError(f"image must be (H, W) or (H, W, C), got shape {image.shape}.")
-    if mask is not None and tuple(np.shape(mask)) != tuple(image.shape[:2]):
-        raise ValueError(f"mask must have the image's (H, W) = {image.shape[:2]}, got {np.shape(mask)}.")
-    stats = SeamStatistics(image.shape[0], image.shape[1], int(window_px), int(stride_px or window_px), offset, period)
-    for row in range(0, image.shape[0], _SEAM_ROWS):
-        stats.update(image[row : row + _SEAM_ROWS], None if mask is None else mask[row : row + _SEAM_ROWS])
-    return stats.score
+    def nbytes(self) -> int:
+        return self.latents.nbytes + self.accumulator.nbytes + self.weight_sum.nbytes + self.inverse_weights.nbytes
 
 
 @dataclass
-class _Layout:
-    """Geometry of a synthetic slide: latent canvas, window grid and the windows over tissue."""
+class _Band:
+    """Pixel rows of one row of windows being blended: weighted sums, summed weights, the weights of one window."""
 
-    origin_um: tuple[float, float]  # (x, y) of the canvas's top-left corner
-    latent_um: float  # micrometres per latent pixel
-    window: int  # latent window edge
-    stride: int  # latent stride between windows
-    grid: tuple[int, int]  # (rows, columns) of windows
-    canvas: tuple[int, int]  # (rows, columns) of latent pixels
-    starts: np.ndarray  # (M, 2) latent (row, column) of the tissue windows, row-major
-    centres_um: np.ndarray  # (M, 2) (x, y) window centres
-
-
-def _plan_layout(
-    positions_um: np.ndarray,
-    tree,
-    fov_um: float,
-    window: int,
-    stride: int,
-    tissue_distance_um: float,
-    region_um: Sequence[float] | None,
-) -> _Layout:
-    """Window grid over the tissue (or ``region_um``) and the windows whose centre is near an in-tissue spot."""
-    latent_um = fov_um / window
-    if region_um is None:
-        margin = tissue_distance_um + fov_um / 2.0
-        x0, y0 = positions_um.min(axis=0) - margin
-        x1, y1 = positions_um.max(axis=0) + margin
-    else:
-        x0, y0, x1, y1 = (float(v) for v in region_um)
-    counts = []
-    for extent in (y1 - y0, x1 - x0):
-        length = max(int(np.ceil(extent / latent_um - 1e-6)), window)
-        counts.append(int(np.ceil((length - window) / stride)) + 1)
-    grid = (counts[0], counts[1])
-    canvas = ((grid[0] - 1) * stride + window, (grid[1] - 1) * stride + window)
-    rows, cols = np.meshgrid(np.arange(grid[0]) * stride, np.arange(grid[1]) * stride, indexing="ij")
-    starts = np.stack([rows.ravel(), cols.ravel()], axis=1)
-    centres = np.stack(
-        [x0 + (starts[:, 1] + window / 2.0) * latent_um, y0 + (starts[:, 0] + window / 2.0) * latent_um], axis=1
-    )
-    distance, _ = tree.query(centres, k=1, distance_upper_bound=tissue_distance_um * (1 + 1e-9))
-    keep = np.isfinite(distance)
-    return _Layout((float(x0), float(y0)), latent_um, window, stride, grid, canvas, starts[keep], centres[keep])
-
-
-def _check_output_path(path: Path) -> None:
-    """Fail early (before any compute) when ``path`` cannot be written: missing folder, a file as folder, no rights."""
-    folder = path.parent
-    if not folder.exists():
-        raise FileNotFoundError(f"the folder of output_path {str(path)!r} does not exist; create it first.")
-    if not folder.is_dir():
-        raise NotADirectoryError(f"the folder of output_path {str(path)!r} is not a folder; choose another path.")
-    if path.is_dir():
-        raise IsADirectoryError(f"output_path {str(path)!r} is a folder; give a file name such as slide.tif.")
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe"):
-            pass
-    except OSError as error:
-        raise PermissionError(
-            f"cannot write into the folder of output_path {str(path)!r} ({error.strerror}); choose a writable folder."
-        ) from error
+    values: np.ndarray  # (window_px, W, 3)
+    weights: np.ndarray  # (window_px, W)
+    window_weights: np.ndarray  # (window_px, window_px)
 
 
 def synthesize_slide(
@@ -356,30 +194,9 @@ def synthesize_slide(
 ) -> dict[str, Any]:
     """Generate a synthetic whole slide for a spot array and write it as a pyramidal TIFF.
 
-    How (details in ``docs/whole_slide.md``):
-
-    1. **Layout.** The slide is one latent canvas at the model's resolution (a latent pixel covers
-       ``patch_fov_um / latent width`` micrometres: 8 um for the demo model), covered by windows of the model's latent
-       size with a stride of ``(1 - overlap)`` windows. It spans the spots' bounding box plus ``tissue_distance_um``
-       and half a window on every side (or ``region_um``). A window is *tissue* when an in-tissue spot lies within
-       ``tissue_distance_um`` of its centre; other windows are background: never denoised nor decoded, their pixels
-       white (255).
-    2. **Conditions** interpolated over the hex lattice: a window's condition is the Gaussian-weighted mean
-       (:func:`interpolate_expression`, ``sigma_um``) of the log-normalised expression of the spots within
-       ``1.5 * max(pitch, tissue_distance_um)`` of its centre; for models with neighbours, neighbour ``k``'s
-       condition is interpolated at the centre plus the lattice's ``k``-th hex offset (:func:`lattice_offsets`), or is
-       the centre's condition where that point is off the tissue (no spot within ``tissue_distance_um``), as in
-       training, where a missing neighbour is the spot itself.
-    3. **Joint denoising** (MultiDiffusion): at every timestep each tissue window's guided model output is
-       accumulated into a canvas with weights :func:`window_weights` (outer product of two sine-squared ramps), divided
-       by the summed weights, and one scheduler step is taken on the whole canvas (steps are elementwise, so this
-       equals averaging the per-window steps of deterministic samplers). Overlapping windows thus agree at every step.
-    4. **Decoding** overlapping windows and blending them in pixel space with the same ramps, band by band of
-       window rows; each finished band of pixels goes to a raw level-0 file.
-    5. **Writing** with :func:`write_pyramidal_tiff_streamed`, and measuring :func:`seam_score` at the window borders.
-
-    ``blend=False`` is naive tiling: non-overlapping windows, each denoised and decoded alone (the same code with a
-    stride of one window), for comparison.
+    The steps (layout, window conditions, joint denoising, decoding, seam score, writing) are described in this
+    module's docstring and in ``docs/whole_slide.md``. ``blend=False`` is naive tiling: non-overlapping windows, each
+    denoised and decoded alone (the same code with a stride of one window), for comparison.
 
     Memory: the latent canvas, the weight accumulators, the window conditions, the pixel band and level 0 live in
     ``np.memmap`` files in a temporary folder (removed at the end); the process holds the model plus one batch of
@@ -426,289 +243,285 @@ def synthesize_slide(
         FileNotFoundError, NotADirectoryError, PermissionError: when ``output_path`` cannot be written (checked before
             any computation; nothing is left behind on any error).
     """
-    import torch
-    from scipy.spatial import cKDTree
-
     start_time = time.perf_counter()
-    output_path = Path(output_path)
-    positions_um = np.asarray(positions_um, dtype=np.float64)
-    expression = expression.detach().cpu().numpy() if hasattr(expression, "detach") else expression
-    expression = np.asarray(expression, dtype=np.float32)
-    network = pipeline.network
-    num_genes = getattr(network, "num_genes", None)
-    num_neighbors = int(getattr(network, "num_neighbors", 0) or 0)
-    if positions_um.ndim != 2 or positions_um.shape[1] != 2:
-        raise ValueError(
-            f"positions_um must be (N, 2) spot centres (x, y) in micrometres, got shape {positions_um.shape}."
-        )
-    if len(positions_um) == 0:
-        raise ValueError("positions_um holds no spots: pass the in-tissue spots of the array (at least one).")
-    if not np.isfinite(positions_um).all():
-        raise ValueError("positions_um contains NaN or infinite values; drop spots without a position.")
-    if expression.ndim != 2 or expression.shape[0] != len(positions_um):
-        raise ValueError(
-            f"expression must be (N, G) with one row per spot of positions_um (N = {len(positions_um)}), got shape "
-            f"{expression.shape}."
-        )
-    if num_genes is not None and expression.shape[1] != num_genes:
-        raise ValueError(
-            f"expression has {expression.shape[1]} genes but the model was trained on a {num_genes}-gene panel; "
-            "select the checkpoint's gene_panel genes, in its order (bundle.io.gene_panel.check_gene_panel)."
-        )
-    if not np.isfinite(expression).all():
-        raise ValueError("expression contains NaN or infinite values; fill missing genes (e.g. with 0) first.")
-    if not 0.0 <= float(overlap) < 1.0:
-        raise ValueError(f"overlap must be in [0, 1) (0.5: windows overlap by half), got {overlap}.")
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive number of windows, got {batch_size!r}.")
-    if patch_fov_um is None:
-        patch_fov_um = (getattr(pipeline, "info", None) or {}).get("patch_fov_um")
-        if patch_fov_um is None:
-            raise ValueError("patch_fov_um is unknown: pass the config's patch_fov_um (128.0 for the bundle's models).")
-    patch_fov_um = float(patch_fov_um)
-    if not np.isfinite(patch_fov_um) or patch_fov_um <= 0:
-        raise ValueError(f"patch_fov_um must be a positive field of view in micrometres, got {patch_fov_um}.")
-    channels, latent_h, latent_w = pipeline.latent_shape
-    if latent_h != latent_w:
-        raise ValueError(f"whole-slide synthesis needs square latents, the pipeline's are {pipeline.latent_shape}.")
-    if region_um is not None:
-        region_um = tuple(float(v) for v in region_um)
-        if len(region_um) != 4 or not (region_um[2] > region_um[0] and region_um[3] > region_um[1]):
-            raise ValueError(
-                f"region_um must be (x0, y0, x1, y1) micrometres with x1 > x0 and y1 > y0, got {region_um}."
-            )
-    number = (int, float, np.floating, np.integer)
-    if mpp is not None and (not isinstance(mpp, number) or not np.isfinite(mpp) or mpp <= 0):
-        raise ValueError(f"mpp must be None (the model's pixel size) or a positive pixel size in um/px, got {mpp!r}.")
-    _check_output_path(output_path)
-    compression = check_write_arguments(output_path, 1.0, tile_size, compression, quality, min_level_size)
-    steps = pipeline.num_inference_steps if num_inference_steps is None else int(num_inference_steps)
-    scale = pipeline.guidance_scale if guidance_scale is None else guidance_scale
-    pitch = estimate_spot_pitch(positions_um) if pitch_um is None else float(pitch_um)
-    tissue_distance = pitch if tissue_distance_um is None else float(tissue_distance_um)
-    sigma = 0.4 * pitch if sigma_um is None else float(sigma_um)
-    if tissue_distance <= 0 or sigma <= 0 or pitch <= 0:
-        raise ValueError(
-            f"tissue_distance_um, sigma_um and pitch_um must be positive, got {tissue_distance}, {sigma} and {pitch}."
-        )
-    radius = 1.5 * max(pitch, tissue_distance)
-
-    device = pipeline.device
-    pipeline.autoencoder.eval()
-    # the decoder's upsampling factor, from one decode (also checks that the autoencoder runs)
-    with torch.no_grad():
-        probe = pipeline.decode(torch.zeros((1, channels, latent_h, latent_w), device=device))
-    patch_px = int(probe.shape[-1])
-    if patch_px % latent_w:
-        raise ValueError(f"the decoder maps {latent_w} latent pixels to {patch_px}: not a whole factor.")
-    model_mpp = patch_fov_um / patch_px
-    upsample = 1 if mpp is None else model_mpp / float(mpp)
-    if abs(upsample - round(upsample)) > 1e-6 or round(upsample) < 1:
-        raise ValueError(
-            f"mpp must be the model's pixel size {model_mpp:g} um/px divided by a whole number (e.g. {model_mpp:g}, "
-            f"{model_mpp / 2:g}, {model_mpp / 4:g}), got {mpp}; resample the written slide for other sizes."
-        )
-    upsample = int(round(upsample))
-    out_mpp = model_mpp / upsample
-    stride = latent_w if not blend else max(1, int(round(latent_w * (1.0 - float(overlap)))))
-    factor = patch_px // latent_w * upsample  # output pixels per latent pixel
-    window_px, stride_px = latent_w * factor, stride * factor
-
-    tree = cKDTree(positions_um)
-    layout = _plan_layout(positions_um, tree, patch_fov_um, latent_w, stride, tissue_distance, region_um)
-    num_windows = len(layout.starts)
-    if num_windows == 0:
-        where = f"region_um {region_um}" if region_um is not None else "the slide"
-        raise ValueError(
-            f"no in-tissue spot lies within tissue_distance_um={tissue_distance:g} of a window centre in {where}; "
-            "choose a region over the spots (positions_um are in the same micrometre coordinates) or a larger "
-            "tissue_distance_um."
-        )
-    offsets = lattice_offsets(positions_um, neighbors, pitch) if num_neighbors else None
-    height_px, width_px = layout.canvas[0] * factor, layout.canvas[1] * factor
-    logger.info(
-        "synthesising %s: %d x %d px at %.4g um/px, %d of %d windows over tissue (%d x %d latent, stride %d), "
-        "%d steps, guidance %s, seed %d",
-        output_path, height_px, width_px, out_mpp, num_windows, layout.grid[0] * layout.grid[1], latent_w, latent_w,
-        stride, steps, scale, seed,
+    plan = plan_slide(
+        pipeline, positions_um, expression, output_path, patch_fov_um=patch_fov_um, neighbors=neighbors, mpp=mpp,
+        overlap=overlap, blend=blend, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+        seed=seed, batch_size=batch_size, tissue_distance_um=tissue_distance_um, sigma_um=sigma_um,
+        pitch_um=pitch_um, region_um=region_um, tile_size=tile_size, compression=compression, quality=quality,
+        min_level_size=min_level_size,
     )  # fmt: skip
-
+    _log_plan(plan)
     if workdir is not None and not Path(workdir).is_dir():
         raise FileNotFoundError(f"workdir {str(workdir)!r} does not exist; create it or pass workdir=None.")
     scratch = Path(tempfile.mkdtemp(prefix=".synthesis-", dir=None if workdir is None else str(workdir)))
-    timings: dict[str, float] = {}
+    network = pipeline.network
     was_training = network.training
     network.eval()
     try:
-        # --- conditions of the tissue windows (memmap, computed in chunks) ------------------------------------------
-        cond_shape = (num_windows, *((1 + num_neighbors,) if num_neighbors else ()), expression.shape[1])
-        conditions = memmap_array(scratch, "conditions", cond_shape)
-        for first in range(0, num_windows, 256):
-            centres = layout.centres_um[first : first + 256]
-            centre, _ = interpolate_expression(positions_um, expression, centres, sigma, radius, tree)
-            if not num_neighbors:
-                conditions[first : first + len(centres)] = centre
-                continue
-            block = np.repeat(centre[:, None], 1 + num_neighbors, axis=1)
-            for slot in range(num_neighbors):
-                points = centres + offsets[slot % len(offsets)]
-                values, _ = interpolate_expression(positions_um, expression, points, sigma, radius, tree)
-                distance, _ = tree.query(points, k=1, distance_upper_bound=tissue_distance * (1 + 1e-9))
-                on_tissue = np.isfinite(distance)
-                block[on_tissue, 1 + slot] = values[on_tissue]
-            conditions[first : first + len(centres)] = block
-        pipeline.check_inputs(torch.as_tensor(np.asarray(conditions[:1])), steps, scale)
-
-        # --- latent canvas, weights, initial noise ------------------------------------------------------------------
-        canvas = memmap_array(scratch, "canvas", (channels, *layout.canvas))
-        accumulator = memmap_array(scratch, "accumulator", (channels, *layout.canvas))
-        weight_sum = memmap_array(scratch, "weight_sum", layout.canvas)
-        initial_canvas_noise(seed, (channels, *layout.canvas), out=canvas)
-        latent_weights = np.outer(window_weights(latent_w), window_weights(latent_w))
-        for row, col in layout.starts:
-            weight_sum[row : row + latent_w, col : col + latent_w] += latent_weights
-        inverse_weights = memmap_array(scratch, "inverse_weights", layout.canvas)
-        for row in range(0, layout.canvas[0], _NOISE_ROWS):
-            block = np.asarray(weight_sum[row : row + _NOISE_ROWS])
-            inverse_weights[row : row + _NOISE_ROWS] = np.where(block > 0, 1.0 / np.maximum(block, 1e-30), 0.0)
-
-        # --- joint denoising ----------------------------------------------------------------------------------------
-        denoise_start = time.perf_counter()
-        pipeline.scheduler.set_timesteps(steps, device=device)
-        timesteps = list(pipeline.scheduler.timesteps)
-        iterator = timesteps
-        if progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(timesteps, desc="denoising slide", leave=False)
-        with torch.no_grad():
-            for step_index, t in enumerate(iterator):
-                accumulator[:] = 0.0
-                for first in range(0, num_windows, batch_size):
-                    starts = layout.starts[first : first + batch_size]
-                    latents = np.stack([canvas[:, r : r + latent_w, c : c + latent_w] for r, c in starts])
-                    condition = torch.from_numpy(np.asarray(conditions[first : first + len(starts)])).to(device)
-                    output = pipeline.guided_output(torch.from_numpy(latents).to(device), t, condition, scale)
-                    output = output.float().cpu().numpy() * latent_weights
-                    for (r, c), out in zip(starts, output):
-                        accumulator[:, r : r + latent_w, c : c + latent_w] += out
-                for chunk, row in enumerate(range(0, layout.canvas[0], _NOISE_ROWS)):
-                    rows = slice(row, row + _NOISE_ROWS)
-                    inverse = np.asarray(inverse_weights[rows])
-                    latents = torch.from_numpy(np.array(canvas[:, rows]))[None].to(device)
-                    output = torch.from_numpy(np.asarray(accumulator[:, rows]) * inverse)[None].to(device)
-                    generators = None
-                    if pipeline.stochastic:
-                        step_seed = _derived_seed(seed, 1, step_index, chunk)
-                        generators = [torch.Generator(device=device).manual_seed(step_seed)]
-                    stepped = pipeline.step(output, t, latents, generators)[0].float().cpu().numpy()
-                    canvas[:, rows] = np.where(inverse > 0, stepped, canvas[:, rows])
-        timings["denoise"] = time.perf_counter() - denoise_start
-
-        # --- decoding and pixel blending, band by band --------------------------------------------------------------
-        decode_start = time.perf_counter()
-        level0 = memmap_array(scratch, "level0", (height_px, width_px, 3), dtype=np.uint8)
-        band = memmap_array(scratch, "band", (window_px, width_px, 3))
-        band_weights = memmap_array(scratch, "band_weights", (window_px, width_px))
-        pixel_weights = np.outer(window_weights(window_px), window_weights(window_px))
-        rows_of_windows = layout.starts[:, 0] // stride
-        grid_rows = range(layout.grid[0])
-        if progress:
-            from tqdm.auto import tqdm
-
-            grid_rows = tqdm(grid_rows, desc="decoding slide", leave=False)
-        with torch.no_grad():
-            for grid_row in grid_rows:
-                selected = layout.starts[rows_of_windows == grid_row]
-                for first in range(0, len(selected), batch_size):
-                    starts = selected[first : first + batch_size]
-                    latents = np.stack([canvas[:, r : r + latent_w, c : c + latent_w] for r, c in starts])
-                    images = pipeline.decode(torch.from_numpy(latents).to(device))
-                    if upsample > 1:
-                        images = torch.nn.functional.interpolate(
-                            images, scale_factor=upsample, mode="bilinear", align_corners=False
-                        ).clamp(0.0, 1.0)
-                    images = images.float().cpu().numpy().transpose(0, 2, 3, 1) * pixel_weights[..., None]
-                    for (_, c), image in zip(starts, images):
-                        x = c * factor
-                        band[:, x : x + window_px] += image
-                        band_weights[:, x : x + window_px] += pixel_weights
-                last = grid_row == layout.grid[0] - 1
-                done = window_px if last else stride_px
-                top = grid_row * stride_px
-                for x in range(0, width_px, _COLUMN_BLOCK):
-                    columns = slice(x, x + _COLUMN_BLOCK)
-                    weights = np.asarray(band_weights[:done, columns])
-                    values = np.asarray(band[:done, columns]) / np.maximum(weights, 1e-30)[..., None]
-                    values = np.where(weights[..., None] > 0, values, 1.0)
-                    level0[top : top + done, columns] = np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
-                    if not last:  # move the rows the next window row still adds to up, clear the rest
-                        band[: window_px - stride_px, columns] = np.array(band[stride_px:, columns])
-                        band[window_px - stride_px :, columns] = 0.0
-                        band_weights[: window_px - stride_px, columns] = np.array(band_weights[stride_px:, columns])
-                        band_weights[window_px - stride_px :, columns] = 0.0
-        timings["decode"] = time.perf_counter() - decode_start
-
-        # --- seam score on the synthesised pixels -------------------------------------------------------------------
-        seam_start = time.perf_counter()
-        stats = SeamStatistics(height_px, width_px, window_px, stride_px, period=factor)
-        for row in range(0, height_px, _SEAM_ROWS):
-            strip = np.asarray(level0[row : row + _SEAM_ROWS])
-            covered = np.asarray(weight_sum[row // factor : -(-(row + len(strip)) // factor)]) > 0
-            covered = np.repeat(np.repeat(covered, factor, axis=0), factor, axis=1)
-            offset = row - (row // factor) * factor
-            stats.update(strip, covered[offset : offset + len(strip)])
-        score = stats.score
-        timings["seam_score"] = time.perf_counter() - seam_start
-
-        # --- pyramidal TIFF -----------------------------------------------------------------------------------------
-        write_start = time.perf_counter()
-        level0.flush()
-        write_pyramidal_tiff_streamed(
-            output_path, level0, out_mpp, tile_size=tile_size, compression=compression, quality=quality,
-            min_level_size=min_level_size, workdir=scratch,
-        )  # fmt: skip
-        timings["write"] = time.perf_counter() - write_start
-        memory_mb = {
-            "canvas_files": (canvas.nbytes + accumulator.nbytes + weight_sum.nbytes + inverse_weights.nbytes) / 2**20,
-            "conditions_file": conditions.nbytes / 2**20,
-            "band_files": (band.nbytes + band_weights.nbytes) / 2**20,
-            "level0_file": level0.nbytes / 2**20,
-            "process_peak_rss": _peak_rss_mb(),
-        }
+        score, timings, memory_mb = _generate_slide(pipeline, plan, scratch, progress)
     finally:
         network.train(was_training)
         shutil.rmtree(scratch, ignore_errors=True)
     timings["total"] = time.perf_counter() - start_time
-    summary = {
-        "path": str(output_path),
+    height_px, width_px = plan.shape
+    logger.info(
+        "wrote %s: %d x %d px at %.4g um/px, %d windows, seam score %.3f (%s), %.1f s",
+        plan.output_path, height_px, width_px, plan.mpp, len(plan.layout.starts), score,
+        "blended" if plan.blend else "naive tiling", timings["total"],
+    )  # fmt: skip
+    return _summary(plan, score, timings, memory_mb)
+
+
+def _log_plan(plan: SlidePlan) -> None:
+    layout = plan.layout
+    height_px, width_px = plan.shape
+    logger.info(
+        "synthesising %s: %d x %d px at %.4g um/px, %d of %d windows over tissue (%d x %d latent, stride %d), "
+        "%d steps, guidance %s, seed %d",
+        plan.output_path, height_px, width_px, plan.mpp, len(layout.starts), layout.grid[0] * layout.grid[1],
+        layout.window, layout.window, layout.stride, plan.steps, plan.scale, plan.seed,
+    )  # fmt: skip
+
+
+def _generate_slide(
+    pipeline, plan: SlidePlan, scratch: Path, progress: bool
+) -> tuple[float, dict[str, float], dict[str, float]]:
+    """The steps after planning, with their files in ``scratch``; returns ``(seam score, timings, file sizes)``."""
+    import torch
+
+    timings: dict[str, float] = {}
+    conditions = _window_conditions(plan, scratch)
+    pipeline.check_inputs(torch.as_tensor(np.asarray(conditions[:1])), plan.steps, plan.scale)
+    canvas = _create_canvas(plan, scratch)
+    start = time.perf_counter()
+    _denoise_canvas(pipeline, plan, conditions, canvas, progress)
+    timings["denoise"] = time.perf_counter() - start
+    start = time.perf_counter()
+    level0, band_bytes = _decode_canvas(pipeline, plan, canvas.latents, scratch, progress)
+    timings["decode"] = time.perf_counter() - start
+    start = time.perf_counter()
+    score = _slide_seam_score(plan, level0, canvas.weight_sum)
+    timings["seam_score"] = time.perf_counter() - start
+    start = time.perf_counter()
+    level0.flush()
+    write_pyramidal_tiff_streamed(plan.output_path, level0, plan.mpp, workdir=scratch, **plan.writer)
+    timings["write"] = time.perf_counter() - start
+    memory_mb = {
+        "canvas_files": canvas.nbytes / 2**20,
+        "conditions_file": conditions.nbytes / 2**20,
+        "band_files": band_bytes / 2**20,
+        "level0_file": level0.nbytes / 2**20,
+        "process_peak_rss": _peak_rss_mb(),
+    }
+    return score, timings, memory_mb
+
+
+def _window_conditions(plan: SlidePlan, scratch: Path) -> np.ndarray:
+    """The conditions ``(M, [1 + K,] G)`` of the tissue windows, a memmap computed 256 windows at a time."""
+    centres_um = plan.layout.centres_um
+    num_windows, num_neighbors = len(centres_um), plan.num_neighbors
+    shape = (num_windows, *((1 + num_neighbors,) if num_neighbors else ()), plan.expression.shape[1])
+    conditions = memmap_array(scratch, "conditions", shape)
+    for first in range(0, num_windows, 256):
+        centres = centres_um[first : first + 256]
+        conditions[first : first + len(centres)] = _conditions_at(plan, centres)
+    return conditions
+
+
+def _conditions_at(plan: SlidePlan, centres: np.ndarray) -> np.ndarray:
+    """Conditions of windows centred at ``centres``: the interpolated expression there and, for models with
+    neighbours, at each hex offset (the centre's own where the offset point is off the tissue)."""
+    positions, expression, tree = plan.positions_um, plan.expression, plan.tree
+    centre, _ = interpolate_expression(positions, expression, centres, plan.sigma, plan.radius, tree)
+    if not plan.num_neighbors:
+        return centre
+    block = np.repeat(centre[:, None], 1 + plan.num_neighbors, axis=1)
+    for slot in range(plan.num_neighbors):
+        points = centres + plan.offsets[slot % len(plan.offsets)]
+        values, _ = interpolate_expression(positions, expression, points, plan.sigma, plan.radius, tree)
+        distance, _ = tree.query(points, k=1, distance_upper_bound=plan.tissue_distance * (1 + 1e-9))
+        on_tissue = np.isfinite(distance)
+        block[on_tissue, 1 + slot] = values[on_tissue]
+    return block
+
+
+def _create_canvas(plan: SlidePlan, scratch: Path) -> _Canvas:
+    """The latent canvas with its seeded initial noise, and the summed window weights (and their inverse)."""
+    shape = (plan.channels, *plan.layout.canvas)
+    latents = memmap_array(scratch, "canvas", shape)
+    accumulator = memmap_array(scratch, "accumulator", shape)
+    weight_sum = memmap_array(scratch, "weight_sum", plan.layout.canvas)
+    initial_canvas_noise(plan.seed, shape, out=latents)
+    size = plan.window
+    weights = np.outer(window_weights(size), window_weights(size))
+    for row, col in plan.layout.starts:
+        weight_sum[row : row + size, col : col + size] += weights
+    inverse_weights = memmap_array(scratch, "inverse_weights", plan.layout.canvas)
+    for row in range(0, plan.layout.canvas[0], _NOISE_ROWS):
+        block = np.asarray(weight_sum[row : row + _NOISE_ROWS])
+        inverse_weights[row : row + _NOISE_ROWS] = np.where(block > 0, 1.0 / np.maximum(block, 1e-30), 0.0)
+    return _Canvas(latents, accumulator, weight_sum, inverse_weights, weights)
+
+
+def _progress(items, description: str, enabled: bool):
+    """``items``, with a progress bar when ``enabled``."""
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=description, leave=False)
+
+
+def _denoise_canvas(pipeline, plan: SlidePlan, conditions: np.ndarray, canvas: _Canvas, progress: bool) -> None:
+    """Joint denoising: at every timestep, blend the tissue windows' outputs and step the whole canvas."""
+    import torch
+
+    pipeline.scheduler.set_timesteps(plan.steps, device=pipeline.device)
+    timesteps = list(pipeline.scheduler.timesteps)
+    with torch.no_grad():
+        for step_index, t in enumerate(_progress(timesteps, "denoising slide", progress)):
+            _accumulate_window_outputs(pipeline, plan, conditions, canvas, t)
+            _step_canvas(pipeline, plan, canvas, t, step_index)
+
+
+def _accumulate_window_outputs(pipeline, plan: SlidePlan, conditions: np.ndarray, canvas: _Canvas, t) -> None:
+    """``canvas.accumulator``: the sum of the tissue windows' guided outputs at timestep ``t``, times their weights."""
+    import torch
+
+    size, device = plan.window, pipeline.device
+    canvas.accumulator[:] = 0.0
+    for first in range(0, len(plan.layout.starts), plan.batch_size):
+        starts = plan.layout.starts[first : first + plan.batch_size]
+        latents = np.stack([canvas.latents[:, r : r + size, c : c + size] for r, c in starts])
+        condition = torch.from_numpy(np.asarray(conditions[first : first + len(starts)])).to(device)
+        output = pipeline.guided_output(torch.from_numpy(latents).to(device), t, condition, plan.scale)
+        output = output.float().cpu().numpy() * canvas.window_weights
+        for (r, c), out in zip(starts, output):
+            canvas.accumulator[:, r : r + size, c : c + size] += out
+
+
+def _step_canvas(pipeline, plan: SlidePlan, canvas: _Canvas, t, step_index: int) -> None:
+    """One scheduler step on the blended output, 64 latent rows at a time, each chunk with its own seeded noise."""
+    import torch
+
+    device = pipeline.device
+    for chunk, row in enumerate(range(0, plan.layout.canvas[0], _NOISE_ROWS)):
+        rows = slice(row, row + _NOISE_ROWS)
+        inverse = np.asarray(canvas.inverse_weights[rows])
+        latents = torch.from_numpy(np.array(canvas.latents[:, rows]))[None].to(device)
+        output = torch.from_numpy(np.asarray(canvas.accumulator[:, rows]) * inverse)[None].to(device)
+        generators = None
+        if pipeline.stochastic:
+            step_seed = _derived_seed(plan.seed, 1, step_index, chunk)
+            generators = [torch.Generator(device=device).manual_seed(step_seed)]
+        stepped = pipeline.step(output, t, latents, generators)[0].float().cpu().numpy()
+        canvas.latents[:, rows] = np.where(inverse > 0, stepped, canvas.latents[:, rows])
+
+
+def _decode_canvas(pipeline, plan: SlidePlan, latents: np.ndarray, scratch: Path, progress: bool):
+    """Decode the tissue windows row by row into level 0 (a uint8 memmap); returns ``(level0, band file bytes)``."""
+    import torch
+
+    height_px, width_px = plan.shape
+    level0 = memmap_array(scratch, "level0", (height_px, width_px, 3), dtype=np.uint8)
+    band = _Band(
+        memmap_array(scratch, "band", (plan.window_px, width_px, 3)),
+        memmap_array(scratch, "band_weights", (plan.window_px, width_px)),
+        np.outer(window_weights(plan.window_px), window_weights(plan.window_px)),
+    )
+    rows_of_windows = plan.layout.starts[:, 0] // plan.layout.stride
+    with torch.no_grad():
+        for grid_row in _progress(range(plan.layout.grid[0]), "decoding slide", progress):
+            _decode_window_row(pipeline, plan, latents, plan.layout.starts[rows_of_windows == grid_row], band)
+            _finish_band(plan, grid_row, band, level0)
+    return level0, band.values.nbytes + band.weights.nbytes
+
+
+def _decode_window_row(pipeline, plan: SlidePlan, latents: np.ndarray, starts: np.ndarray, band: _Band) -> None:
+    """Add the decoded (and upsampled) windows of one window row, times their weights, to the band."""
+    import torch
+
+    size = plan.window
+    for first in range(0, len(starts), plan.batch_size):
+        batch = starts[first : first + plan.batch_size]
+        stacked = np.stack([latents[:, r : r + size, c : c + size] for r, c in batch])
+        images = pipeline.decode(torch.from_numpy(stacked).to(pipeline.device))
+        if plan.upsample > 1:
+            images = torch.nn.functional.interpolate(
+                images, scale_factor=plan.upsample, mode="bilinear", align_corners=False
+            ).clamp(0.0, 1.0)
+        images = images.float().cpu().numpy().transpose(0, 2, 3, 1) * band.window_weights[..., None]
+        for (_, c), image in zip(batch, images):
+            x = c * plan.factor
+            band.values[:, x : x + plan.window_px] += image
+            band.weights[:, x : x + plan.window_px] += band.window_weights
+
+
+def _finish_band(plan: SlidePlan, grid_row: int, band: _Band, level0: np.ndarray) -> None:
+    """Write the band's finished pixel rows (all of them after the last window row) to level 0 and move the rest up.
+
+    Rows without any window weight (background) are white.
+    """
+    window_px, stride_px = plan.window_px, plan.stride_px
+    last = grid_row == plan.layout.grid[0] - 1
+    done = window_px if last else stride_px
+    top = grid_row * stride_px
+    for x in range(0, plan.shape[1], _COLUMN_BLOCK):
+        columns = slice(x, x + _COLUMN_BLOCK)
+        weights = np.asarray(band.weights[:done, columns])
+        values = np.asarray(band.values[:done, columns]) / np.maximum(weights, 1e-30)[..., None]
+        values = np.where(weights[..., None] > 0, values, 1.0)
+        level0[top : top + done, columns] = np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
+        if not last:  # move the rows the next window row still adds to up, clear the rest
+            band.values[: window_px - stride_px, columns] = np.array(band.values[stride_px:, columns])
+            band.values[window_px - stride_px :, columns] = 0.0
+            band.weights[: window_px - stride_px, columns] = np.array(band.weights[stride_px:, columns])
+            band.weights[window_px - stride_px :, columns] = 0.0
+
+
+def _slide_seam_score(plan: SlidePlan, level0: np.ndarray, weight_sum: np.ndarray) -> float:
+    """:func:`bundle.sampling.seams.seam_score` of level 0 over the synthesised pixels (not the white background),
+    comparing with inside pairs at the latent-pixel phase only."""
+    height_px, width_px = plan.shape
+    factor = plan.factor
+    stats = SeamStatistics(height_px, width_px, plan.window_px, plan.stride_px, period=factor)
+    for row in range(0, height_px, STRIP_ROWS):
+        strip = np.asarray(level0[row : row + STRIP_ROWS])
+        covered = np.asarray(weight_sum[row // factor : -(-(row + len(strip)) // factor)]) > 0
+        covered = np.repeat(np.repeat(covered, factor, axis=0), factor, axis=1)
+        offset = row - (row // factor) * factor
+        stats.update(strip, covered[offset : offset + len(strip)])
+    return stats.score
+
+
+def _summary(plan: SlidePlan, score: float, timings: dict[str, float], memory_mb: dict[str, float]) -> dict:
+    """What :func:`synthesize_slide` returns."""
+    layout = plan.layout
+    height_px, width_px = plan.shape
+    return {
+        "path": str(plan.output_path),
         "shape": (height_px, width_px),
-        "mpp": out_mpp,
+        "mpp": plan.mpp,
         "origin_um": layout.origin_um,
-        "levels": pyramid_level_shapes(height_px, width_px, min_level_size),
-        "windows": num_windows,
+        "levels": pyramid_level_shapes(height_px, width_px, plan.writer["min_level_size"]),
+        "windows": len(layout.starts),
         "grid": layout.grid,
-        "latent_canvas": (channels, *layout.canvas),
-        "window_px": window_px,
-        "stride_px": stride_px,
-        "blend": bool(blend),
-        "overlap": 1.0 - stride / latent_w,
+        "latent_canvas": (plan.channels, *layout.canvas),
+        "window_px": plan.window_px,
+        "stride_px": plan.stride_px,
+        "blend": plan.blend,
+        "overlap": 1.0 - layout.stride / layout.window,
         "seam_score": score,
-        "num_inference_steps": steps,
-        "guidance_scale": scale,
-        "seed": int(seed),
-        "tissue_distance_um": tissue_distance,
-        "sigma_um": sigma,
-        "pitch_um": pitch,
+        "num_inference_steps": plan.steps,
+        "guidance_scale": plan.scale,
+        "seed": plan.seed,
+        "tissue_distance_um": plan.tissue_distance,
+        "sigma_um": plan.sigma,
+        "pitch_um": plan.pitch,
         "timings_s": timings,
         "memory_mb": memory_mb,
     }
-    logger.info(
-        "wrote %s: %d x %d px at %.4g um/px, %d windows, seam score %.3f (%s), %.1f s",
-        output_path, height_px, width_px, out_mpp, num_windows, score, "blended" if blend else "naive tiling",
-        timings["total"],
-    )  # fmt: skip
-    return summary
 
 
 def _peak_rss_mb() -> float:

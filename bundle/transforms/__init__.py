@@ -1,4 +1,8 @@
-"""Transforms for (slide patch, expression) pairs, as array + dictionary pairs in MONAI's style."""
+"""Transforms for (slide patch, expression) pairs, as array + dictionary pairs in MONAI's style.
+
+Modules: :mod:`bundle.transforms.array` (one spot's slide patch, expression vector, neighbourhood and stain
+augmentation) and :mod:`bundle.transforms.dictionary` (their dictionary wrappers). Both are re-exported here.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ from bundle.transforms.array import (
     RandHEStainJitter,
     SelectGenes,
     SpatialContext,
-    check_counts,
 )
 from bundle.transforms.dictionary import (
     LoadExpressiond,

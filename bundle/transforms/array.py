@@ -19,6 +19,7 @@ from monai.utils import TransformBackends, ensure_tuple_rep
 
 from bundle.geometry import xy_to_rowcol
 from bundle.io.slides import get_wsi_reader, level_for_mpp, open_slide
+from bundle.io.spots import check_counts
 
 __all__ = [
     "LoadWSIPatch",
@@ -27,7 +28,6 @@ __all__ = [
     "SelectGenes",
     "SpatialContext",
     "RandHEStainJitter",
-    "check_counts",
 ]
 
 
@@ -79,7 +79,7 @@ class LoadWSIPatch(Transform):
     @property
     def reader(self):
         if self._reader is None:
-            self._reader = get_wsi_reader(self.reader_backend, channel_dim=-1)
+            self._reader = get_wsi_reader(self.reader_backend, channel_dim=-1, dtype=np.uint8)
         return self._reader
 
     def _slide(self, path: str) -> tuple:
@@ -159,13 +159,13 @@ class LoadWSIPatch(Transform):
     def _read_inside(self, wsi, level: int, location0: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
         """``(h, w, 3)`` uint8 pixels of a region inside the slide; ``location0`` is ``(row, col)`` at level 0.
 
-        Calls the reader's patch method directly (MONAI's ``get_data`` re-validates and builds metadata on every
-        call); cuCIM's region is used without a copy.
+        cuCIM's region is used without a copy; the other backends read through MONAI's ``WSIReader.get_data``.
         """
         if isinstance(self.reader, CuCIMWSIReader):
             region = wsi.read_region(location=location0[::-1], size=size[::-1], level=level)
             return np.asarray(region)[..., :3]
-        return self.reader._get_patch(wsi, location=location0, size=size, level=level, dtype=np.uint8, mode="RGB")
+        patch, _ = self.reader.get_data(wsi, location=location0, size=size, level=level, mode="RGB")
+        return patch
 
 
 class LoadExpression(Transform):
@@ -205,33 +205,6 @@ class LoadExpression(Transform):
         if index.size and (index.min() < 0 or index.max() >= n):
             raise IndexError(f"expression row {row!r} is outside the store {self.store!r} ({n} spots).")
         return torch.from_numpy(np.array(self.array[index], dtype=np.float32))
-
-
-def check_counts(counts: NdarrayOrTensor, name: str = "counts") -> None:
-    """Raise when ``counts`` are not raw counts (negative, or not whole numbers).
-
-    Args:
-        counts: values that should be non-negative integers.
-        name: what the values are, for the message (e.g. a sample id).
-    """
-    values = torch.as_tensor(
-        np.array(counts) if isinstance(counts, np.ndarray) and not counts.flags.writeable else counts
-    )
-    if values.numel() == 0:
-        return
-    if bool((values < 0).any()):
-        raise ValueError(
-            f"{name} has negative values (min {float(values.min()):.4g}): expected raw counts. Scaled or centred "
-            "data (e.g. after sc.pp.scale) cannot be normalised again; use the raw counts (adata.raw, a "
-            "'counts' layer, or the Space Ranger matrix)."
-        )
-    if values.is_floating_point() and bool((values != torch.round(values)).any()):
-        sample = values[values != torch.round(values)].flatten()[:3].tolist()
-        raise ValueError(
-            f"{name} has non-integer values (e.g. {[round(v, 4) for v in sample]}): expected raw counts, but these look "
-            "already normalised (log1p/normalize_total). Use the raw counts (adata.raw, a 'counts' layer, or the "
-            "Space Ranger matrix), or skip normalisation for data that is already log-normalised."
-        )
 
 
 class NormalizeExpression(Transform):

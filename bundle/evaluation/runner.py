@@ -1,0 +1,484 @@
+"""The evaluation run: :func:`evaluate` and its named steps, from loading the spots to the report and the MLflow run.
+
+For every validation spot (or a seeded subset of them) :func:`evaluate` generates a patch from the spot's expression
+(seed ``seed + index of the spot in the validation list``), loads the real patch of the spot, then scores realism,
+biological fidelity, compartment agreement and edit directionality, and writes ``metrics.json``, ``report.html`` and
+an MLflow run. Its settings come grouped (:mod:`bundle.evaluation.settings`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bundle.evaluation.compartments import compartment_agreement
+from bundle.evaluation.edits import edit_directionality, usable_edits
+from bundle.evaluation.fidelity import probe_scores
+from bundle.evaluation.generation import Generator, cached_array, generate_patches, generated_size, key_hash
+from bundle.evaluation.image_realism import RealismExtractors, load_realism_extractors, realism
+from bundle.evaluation.labels import spot_labels
+from bundle.evaluation.probe import Probe, train_encoder_probe, train_probe
+from bundle.evaluation.report import summary_numbers, write_report
+from bundle.evaluation.settings import (
+    DataSettings,
+    EditSettings,
+    GenerationSettings,
+    OutputSettings,
+    ProbeSettings,
+    RealismSettings,
+)
+from bundle.evaluation.spots import load_conditions, load_real_patches, select_spots
+from bundle.evaluation.tracking import log_evaluation
+from bundle.utils import jsonable, read_json, write_json_atomic
+
+__all__ = ["EvaluationSpots", "evaluate"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluationSpots:
+    """The evaluated spots and the probe's training spots, loaded.
+
+    Attributes:
+        dataset_dir: the dataset folder.
+        genes: the dataset's gene panel.
+        entries: datalist entries of the evaluated (validation) spots.
+        seeds: generation seed of each evaluated spot (``seed`` + its index in the validation list).
+        spot_ids: ``<sample>/<barcode>`` of each evaluated spot.
+        conditions: ``(N, 1 + K, G)`` conditions of the evaluated spots.
+        expression: ``(N, G)`` their own expression.
+        labels: their labels (compartment or cluster).
+        label_source: a sentence saying where the labels come from.
+        real: ``(N, 3, S, S)`` uint8 real patches.
+        train_expression: ``(M, G)`` expression of the probe's training spots.
+        train_labels: their labels.
+        train_images: their real patches at the probe's input size (None when a trained probe was given).
+    """
+
+    dataset_dir: Path
+    genes: list[str]
+    entries: list[dict[str, Any]]
+    seeds: list[int]
+    spot_ids: list[str]
+    conditions: np.ndarray
+    expression: np.ndarray
+    labels: list[str]
+    label_source: str
+    real: np.ndarray
+    train_expression: np.ndarray
+    train_labels: list[str]
+    train_images: np.ndarray | None = None
+
+
+@dataclass
+class _Laps:
+    """Seconds spent in each step, for ``metrics["timings"]``."""
+
+    start: float = field(default_factory=time.perf_counter)
+    last: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.last = self.start
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self.last, 2)
+        self.last = now
+
+    def total(self) -> dict[str, float]:
+        return {**self.timings, "total": round(time.perf_counter() - self.start, 2)}
+
+
+def _prepare_extractors(
+    realism_settings: RealismSettings, probe_settings: ProbeSettings, device: str | torch.device
+) -> tuple[RealismExtractors, bool]:
+    """The realism extractors (loaded now unless given, so that missing weights stop the run first) and whether the
+    probe is the encoder probe."""
+    extractors = realism_settings.extractors
+    if extractors is None:
+        extractors = load_realism_extractors(
+            realism_settings.inception_weights,
+            realism_settings.require_inception,
+            realism_settings.encoder_path,
+            device,
+        )
+    kind = probe_settings.kind
+    use_encoder_probe = kind == "encoder" or (kind == "auto" and bool(extractors.encoders))
+    if use_encoder_probe and not extractors.encoders:
+        raise ValueError("probe_type='encoder' needs encoder_path (a pathology encoder's weights or TorchScript file).")
+    return extractors, use_encoder_probe
+
+
+def _check_inputs(generator: Generator, data: DataSettings) -> list[str]:
+    """The dataset's gene panel, after checking it against the model's and the generated size against ``patch_size``."""
+    from bundle.io.gene_panel import check_gene_panel, load_gene_panel
+
+    dataset_dir = Path(data.dataset_dir)
+    panel = load_gene_panel(dataset_dir / "gene_panel.json")
+    if data.genes is not None:
+        check_gene_panel(list(data.genes), panel, what=f"the dataset {str(dataset_dir)!r}")
+    size = generated_size(generator)
+    if size is not None and size != int(data.patch_size):
+        raise ValueError(
+            f"the model generates {size}-px patches but patch_size is {data.patch_size}; set patch_size to {size} (and "
+            "patch_fov_um to the training field of view) so real and generated patches match."
+        )
+    return list(panel)
+
+
+def _load_spots(data: DataSettings, probe_settings: ProbeSettings, genes: list[str], seed: int) -> EvaluationSpots:
+    """Choose the evaluated and the probe's training spots and read their conditions, labels and real patches."""
+    dataset_dir = Path(data.dataset_dir)
+    eval_entries, eval_index = select_spots(dataset_dir, "validation", data.num_spots, seed)
+    train_entries, _ = select_spots(dataset_dir, "training", probe_settings.max_train_spots, seed)
+    store = dataset_dir / "expression.npy"
+    conditions, expression = load_conditions(eval_entries, store, data.num_neighbors)
+    _, train_expression = load_conditions(train_entries, store, 0)
+    train_labels, eval_labels, label_source = spot_labels(
+        train_entries, eval_entries, train_expression, expression, data.labels, data.num_clusters, seed
+    )
+    real = load_real_patches(eval_entries, data.patch_fov_um, data.patch_size, data.wsi_backend)
+    train_images = None
+    if probe_settings.trained is None:
+        probe_size = probe_settings.input_size(data.patch_size)
+        train_images = load_real_patches(
+            train_entries, data.patch_fov_um, data.patch_size, data.wsi_backend, output_size=probe_size
+        )
+    logger.info(
+        "evaluating %d validation spots (%d training spots for the probe)", len(eval_entries), len(train_entries)
+    )
+    return EvaluationSpots(
+        dataset_dir=dataset_dir,
+        genes=genes,
+        entries=eval_entries,
+        seeds=[int(seed) + int(i) for i in eval_index],
+        spot_ids=[f"{e.get('sample')}/{e.get('barcode')}" for e in eval_entries],
+        conditions=conditions,
+        expression=expression,
+        labels=eval_labels,
+        label_source=label_source,
+        real=real,
+        train_expression=train_expression,
+        train_labels=train_labels,
+        train_images=train_images,
+    )
+
+
+def _patch_cache(
+    spots: EvaluationSpots, generation: GenerationSettings, output_dir: Path
+) -> Callable[[str, Mapping[str, Any], Callable[[], np.ndarray]], tuple[np.ndarray, bool]]:
+    """``cache(name, key_part, compute) -> (patches, from_cache)``: generated patches kept in ``<output_dir>/generated``
+    under the generator's key, the dataset, the spots and the seeds (no cache without ``generation.cache_key``)."""
+    base_key = None
+    if generation.cache_key is not None:
+        base_key = {
+            "generator": dict(generation.cache_key),
+            "dataset": str(spots.dataset_dir.resolve()),
+            "spots": key_hash({"ids": spots.spot_ids}),
+            "seeds": key_hash({"s": spots.seeds}),
+        }
+
+    def cache(name: str, key_part: Mapping[str, Any], compute: Callable[[], np.ndarray]) -> tuple[np.ndarray, bool]:
+        key = None if base_key is None else {**base_key, **key_part}
+        return cached_array(output_dir / "generated", name, key, compute, generation.regenerate)
+
+    return cache
+
+
+def _generate_validation(
+    generator: Generator, spots: EvaluationSpots, generation: GenerationSettings, cache: Callable
+) -> tuple[np.ndarray, bool]:
+    """The generated patches of the evaluated spots (from the cache when there) and whether they came from it."""
+    generated, cached = cache(
+        "validation",
+        {"what": "validation"},
+        lambda: generate_patches(generator, spots.conditions, spots.seeds, generation.batch_size),
+    )
+    if generated.shape != spots.real.shape:
+        raise ValueError(
+            f"generated patches {generated.shape[1:]} and real patches {spots.real.shape[1:]} differ; set patch_size "
+            "to the size the model generates."
+        )
+    logger.info("generated patches %s", "read from the cache" if cached else "generated")
+    return generated, cached
+
+
+def _score_realism(
+    spots: EvaluationSpots,
+    generated: np.ndarray,
+    extractors: RealismExtractors,
+    settings: RealismSettings,
+    data: DataSettings,
+    output_dir: Path,
+    seed: int,
+) -> dict[str, Any]:
+    """FID/KID of the generated against the real patches, with the real patches' features cached per dataset."""
+    reference = {
+        "dataset": spots.dataset_dir,
+        "spot_ids": spots.spot_ids,
+        "split": "validation",
+        "datalist_mtime_ns": (spots.dataset_dir / "datalist.json").stat().st_mtime_ns,
+        "fov_um": float(data.patch_fov_um),
+    }
+    return realism(
+        spots.real, generated, spots.labels, extractors, settings, output_dir / "feature_cache", reference, seed
+    )
+
+
+def _fit_probe(
+    settings: ProbeSettings,
+    spots: EvaluationSpots,
+    extractors: RealismExtractors,
+    use_encoder_probe: bool,
+    feature_batch_size: int,
+    patch_size: int,
+    seed: int,
+    device: str | torch.device,
+) -> Probe:
+    """The given probe, or one trained here on the real training patches (encoder probe or CNN)."""
+    if settings.trained is not None:
+        return settings.trained
+    if use_encoder_probe:
+        name, extractor = next(iter(extractors.encoders.items()))
+        return train_encoder_probe(
+            extractor,
+            name,
+            spots.train_images,
+            spots.train_expression,
+            spots.genes,
+            spots.train_labels,
+            feature_batch_size,
+            seed,
+        )
+    return train_probe(
+        spots.train_images,
+        spots.train_expression,
+        spots.genes,
+        spots.train_labels,
+        settings.epochs,
+        settings.batch_size,
+        settings.learning_rate,
+        settings.width,
+        settings.input_size(patch_size),
+        seed,
+        device,
+    )
+
+
+def _score_probe(
+    probe: Probe, spots: EvaluationSpots, generated: np.ndarray, ceiling_threshold: float, seed: int
+) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """Fidelity, compartment agreement, and per spot the caption of the report (labels given by the probe)."""
+    pred_real, label_real = probe.predict(spots.real)
+    pred_gen, label_gen = probe.predict(generated)
+    fidelity = probe_scores(
+        probe, spots.real, generated, spots.expression, ceiling_threshold, seed=seed, predictions=(pred_real, pred_gen)
+    )
+    compartments = (
+        compartment_agreement(probe.classes, spots.labels, label_real, label_gen) if label_real is not None else {}
+    )
+    names = probe.classes
+    captions = [
+        {
+            "sample": e.get("sample"),
+            "barcode": e.get("barcode"),
+            "label": spots.labels[i],
+            "real_label": names[label_real[i]] if label_real is not None else None,
+            "generated_label": names[label_gen[i]] if label_gen is not None else None,
+        }
+        for i, e in enumerate(spots.entries)
+    ]
+    return fidelity, compartments, captions
+
+
+def _score_edits(
+    generator: Generator,
+    probe: Probe,
+    spots: EvaluationSpots,
+    generated: np.ndarray,
+    settings: EditSettings,
+    batch_size: int,
+    cache: Callable,
+    seed: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Directionality of the edits that touch the panel on a seeded choice of the spots, and what was scored
+    (``num_edit_spots``, ``edits``, ``edits_dropped`` for the settings record)."""
+    edits = list(settings.edits or [])
+    kept = usable_edits(edits, spots.genes) if edits else []
+    scored = {
+        "num_edit_spots": int(min(settings.num_spots or 0, len(spots.entries))) if kept else 0,
+        "edits": kept,
+        "edits_dropped": [e for e in edits if e not in kept],
+    }
+    if not (kept and settings.num_spots):
+        return scored, {}
+    pick = np.sort(np.random.default_rng(seed + 1).permutation(len(spots.entries))[: int(settings.num_spots)])
+
+    def edit_cache(name: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        return cache(f"edit_{name}", {"what": f"edit {name}", "pick": pick.tolist()}, compute)[0]
+
+    result = edit_directionality(
+        generator,
+        probe,
+        spots.conditions[pick],
+        spots.expression[pick],
+        spots.genes,
+        kept,
+        [spots.seeds[i] for i in pick],
+        generated[pick],
+        batch_size,
+        edit_cache,
+    )
+    return scored, result
+
+
+def _settings_record(
+    generator: Generator,
+    spots: EvaluationSpots,
+    data: DataSettings,
+    output_dir: Path,
+    seed: int,
+    edits_scored: Mapping[str, Any],
+    run: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The ``settings`` of ``metrics.json``: the dataset, generator, spots and edits, then ``run`` (probe, cache,
+    extractors, device and the settings the caller records)."""
+    info = dict(getattr(generator, "info", {}) or {})
+    return {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "dataset_dir": str(spots.dataset_dir.resolve()),
+        "output_dir": str(output_dir.resolve()),
+        "iteration": info.get("iteration"),
+        "num_inference_steps": getattr(generator, "num_inference_steps", None),
+        "guidance_scale": getattr(generator, "guidance_scale", None),
+        "seed": int(seed),
+        "num_spots": len(spots.entries),
+        "num_validation_spots": len(read_json(spots.dataset_dir / "datalist.json")["validation"]),
+        **edits_scored,
+        "patch_fov_um": float(data.patch_fov_um),
+        "patch_size": int(data.patch_size),
+        "num_neighbors": int(data.num_neighbors),
+        "num_genes": len(spots.genes),
+        "labels": spots.label_source,
+        **run,
+    }
+
+
+def _write_outputs(
+    metrics: dict[str, Any],
+    spots: EvaluationSpots,
+    generated: np.ndarray,
+    captions: list[dict[str, Any]],
+    output: OutputSettings,
+) -> None:
+    """Write ``metrics.json`` and ``report.html`` to the output folder and, with a tracking URI, the MLflow run."""
+    output_dir = Path(output.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = output_dir / "metrics.json"
+    report_path = output_dir / "report.html"
+    run_name = output.run_name or "eval_" + time.strftime("%Y%m%d_%H%M%S")
+    if output.tracking_uri:
+        metrics["settings"]["mlflow"] = {
+            "tracking_uri": output.tracking_uri,
+            "experiment": output.experiment_name,
+            "run_name": run_name,
+        }
+    write_json_atomic(metrics_path, jsonable(metrics))
+    write_report(report_path, metrics, spots.real, generated, captions, output.num_report_spots)
+    if output.tracking_uri:
+        run_id = log_evaluation(
+            metrics, output.tracking_uri, output.experiment_name, run_name, [metrics_path, report_path]
+        )
+        metrics["settings"]["mlflow"]["run_id"] = run_id
+        write_json_atomic(metrics_path, jsonable(metrics))
+    logger.info(
+        "evaluation written to %s (%s)", report_path, ", ".join(f"{k} {v:.3g}" for k, v in metrics["summary"].items())
+    )
+
+
+def evaluate(
+    generator: Generator,
+    data: DataSettings,
+    output: OutputSettings,
+    generation: GenerationSettings | None = None,
+    probe: ProbeSettings | None = None,
+    realism: RealismSettings | None = None,
+    edits: EditSettings | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Evaluate ``generator`` on the dataset's validation spots; write ``metrics.json``, ``report.html``, an MLflow run.
+
+    Missing Inception weights stop the run first (unless ``realism.require_inception`` is False), before patches are
+    read or generated. See docs/evaluation.md for what is measured and how to read it.
+
+    Args:
+        generator: ``generator(condition, generator=[torch.Generator]) -> (B, 3, H, W)`` in [0, 1]; usually
+            ``bundle.sampling.generation.load_pipeline(...)``.
+        data: the dataset, the model's patches and the spots (:class:`DataSettings`).
+        output: where the results go (:class:`OutputSettings`).
+        generation: batch size and cache of the generated patches (None: the defaults).
+        probe: the probe, given or trained here (None: the defaults).
+        realism: FID/KID extractors and settings (None: the defaults).
+        edits: edits scored for directionality (None: the defaults).
+        seed: seed of the spot choice, per-spot generation seeds (``seed + index``), probe, clustering and KID.
+        device: device of the probe and feature extractors.
+
+    Returns:
+        the metrics dictionary (also in ``<output_dir>/metrics.json``).
+    """
+    generation, probe = generation or GenerationSettings(), probe or ProbeSettings()
+    realism, edits = realism or RealismSettings(), edits or EditSettings()
+    laps = _Laps()
+    extractors, use_encoder_probe = _prepare_extractors(realism, probe, device)
+    laps("load_extractors")
+    spots = _load_spots(data, probe, _check_inputs(generator, data), seed)
+    laps("load_real_patches")
+    output_dir = Path(output.output_dir)
+    cache = _patch_cache(spots, generation, output_dir)
+    generated, cached = _generate_validation(generator, spots, generation, cache)
+    laps("generate")
+    realism_result = _score_realism(spots, generated, extractors, realism, data, output_dir, seed)
+    laps("realism")
+    trained = _fit_probe(
+        probe, spots, extractors, use_encoder_probe, realism.feature_batch_size, data.patch_size, seed, device
+    )
+    laps("train_probe")
+    fidelity, compartments, captions = _score_probe(trained, spots, generated, probe.ceiling_threshold, seed)
+    laps("fidelity")
+    edits_scored, edit_result = _score_edits(
+        generator, trained, spots, generated, edits, generation.batch_size, cache, seed
+    )
+    laps("edits")
+    run = {
+        "probe_type": trained.kind,
+        "ceiling_threshold": float(probe.ceiling_threshold),
+        "generated_from_cache": bool(cached),
+        "inception_weights": extractors.inception_weights,
+        "encoders": sorted(extractors.encoders),
+        "device": str(device),
+        **jsonable(dict(output.record or {})),
+    }
+    record = _settings_record(generator, spots, data, output_dir, seed, edits_scored, run)
+    metrics: dict[str, Any] = {
+        "settings": record,
+        "realism": realism_result,
+        "fidelity": fidelity,
+        "probe": {"kind": trained.kind, **jsonable(trained.info), "classes": trained.classes},
+        "compartments": compartments,
+        "edits": edit_result,
+        "timings": laps.total(),
+    }
+    metrics["summary"] = summary_numbers(metrics)
+    _write_outputs(metrics, spots, generated, captions, output)
+    return metrics
