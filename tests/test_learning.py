@@ -8,12 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from monai.networks.nets import AutoencoderKL
 from monai.networks.schedulers import DDPMScheduler
 
 from bundle.engines import LatentDiffusionPrepareBatch
 from bundle.networks import GeneConditionedUNet, GeneCondNet
 from bundle.transforms import LoadExpressiond, LoadWSIPatchd
+from tests.helpers import tiny_unet
 
 
 def load_spots(dataset, demo_root):
@@ -57,18 +58,7 @@ def test_stage2_loss_drops_and_condition_matters(demo_dataset, demo_root):
     with torch.no_grad():
         latents = autoencoder.encode(images)[0]  # posterior means: deterministic latents
     latents = latents / latents.std()
-    unet = DiffusionModelUNet(
-        spatial_dims=2,
-        in_channels=3,
-        out_channels=3,
-        channels=(16, 32),
-        attention_levels=(False, True),
-        num_head_channels=(0, 16),
-        num_res_blocks=1,
-        norm_num_groups=8,
-        with_conditioning=True,
-        cross_attention_dim=32,
-    )
+    unet = tiny_unet(in_channels=3, cross_attention_dim=32, channels=[16, 32], num_head_channels=[0, 16])
     network = GeneConditionedUNet(GeneCondNet(genes, 32, num_tokens=2, hidden_dim=64), unet)
     optimizer = torch.optim.AdamW(network.parameters(), lr=2e-3)
 

@@ -4,42 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from bundle.handlers import save_pair_grid
 from bundle.networks import GeneConditionedUNet, GeneCondNet
 from bundle.sampling.grids import pair_rows, save_image_grid
 from bundle.sampling.pipeline import ExpressionToTissuePipeline, seeded_generators
+from tests.helpers import tiny_autoencoder, tiny_unet
 
 
 @pytest.fixture(scope="module")
 def pipeline():
     torch.manual_seed(0)
-    autoencoder = AutoencoderKL(
-        spatial_dims=2,
-        in_channels=3,
-        out_channels=3,
-        channels=(8, 8),
-        latent_channels=3,
-        num_res_blocks=1,
-        attention_levels=(False, False),
-        norm_num_groups=4,
-        with_encoder_nonlocal_attn=False,
-        with_decoder_nonlocal_attn=False,
-    )
-    unet = DiffusionModelUNet(
-        spatial_dims=2,
-        in_channels=3,
-        out_channels=3,
-        channels=(8, 8),
-        attention_levels=(False, True),
-        num_head_channels=(0, 8),
-        num_res_blocks=1,
-        norm_num_groups=8,
-        with_conditioning=True,
-        cross_attention_dim=16,
-    )
+    autoencoder = tiny_autoencoder(seed=0)
+    unet = tiny_unet(in_channels=3, cross_attention_dim=16)
     for p in unet.parameters():  # MONAI zero-initialises output layers; make the condition visible in the output
         torch.nn.init.normal_(p, std=0.05)
     network = GeneConditionedUNet(GeneCondNet(5, 16, num_tokens=2, hidden_dim=16, num_neighbors=6), unet)
