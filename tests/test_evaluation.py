@@ -15,14 +15,7 @@ from torch import nn
 
 from bundle import evaluation as E
 from bundle.demo import COMPARTMENTS
-from bundle.evaluation.settings import (
-    DataSettings,
-    EditSettings,
-    GenerationSettings,
-    OutputSettings,
-    ProbeSettings,
-    RealismSettings,
-)
+from bundle.evaluation import settings as S
 from tests.helpers import CONFIGS, TINY_AUTOENCODER, tiny_architecture, tiny_autoencoder, tiny_network
 
 FOV_UM, SIZE = 64.0, 32
@@ -192,12 +185,14 @@ def test_edit_directionality_known_answer():
 def test_settings_and_patch_cache(tmp_path):
     from bundle.evaluation.generation import cached_array, generated_size, safe_name
 
-    assert GenerationSettings(regenerate="false").regenerate is False and GenerationSettings(regenerate="1").regenerate
+    assert (
+        S.GenerationSettings(regenerate="false").regenerate is False and S.GenerationSettings(regenerate="1").regenerate
+    )
     with pytest.raises(ValueError, match="probe_type must be"):
-        ProbeSettings(kind="resnet")
-    assert ProbeSettings().input_size(512) == 128 and ProbeSettings(image_size=48).input_size(512) == 48
-    assert ProbeSettings().input_size(64) == 64
-    assert EditSettings().edits == E.DEFAULT_EDITS and RealismSettings().require_inception
+        S.ProbeSettings(kind="resnet")
+    assert S.ProbeSettings().input_size(512) == 128 and S.ProbeSettings(image_size=48).input_size(512) == 48
+    assert S.ProbeSettings().input_size(64) == 64
+    assert S.EditSettings().edits == E.DEFAULT_EDITS and S.RealismSettings().require_inception
     assert safe_name("edit immune*4") == "edit_immune_4" and safe_name("***") == "x"
     assert generated_size(Darkener([0])) is None  # a plain callable: no decoder to ask
 
@@ -231,21 +226,23 @@ def test_evaluate_oracle_vs_shuffled_reports(demo_dataset, spots, probe, tmp_pat
     n = len(spots["val"])
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     common = dict(
-        data=DataSettings(demo_dataset, FOV_UM, SIZE, 6, genes=spots["genes"]),
-        probe=ProbeSettings(trained=probe),
-        realism=RealismSettings(require_inception=False, kid_subsets=5),
-        edits=EditSettings(["immune*4", "hypoxia*0", "adipose*4"], num_spots=6),
+        data=S.DataSettings(demo_dataset, FOV_UM, SIZE, 6, genes=spots["genes"]),
+        probe=S.ProbeSettings(trained=probe),
+        realism=S.RealismSettings(require_inception=False, kid_subsets=5),
+        edits=S.EditSettings(["immune*4", "hypoxia*0", "adipose*4"], num_spots=6),
     )
     oracle = Oracle(spots["expression"], spots["real"])
     good = E.evaluate(
         oracle,
-        output=OutputSettings(tmp_path / "good", tracking_uri=uri, run_name="eval_good"),
-        generation=GenerationSettings(cache_key={"g": "oracle"}),
+        output=S.OutputSettings(tmp_path / "good", tracking_uri=uri, run_name="eval_good"),
+        generation=S.GenerationSettings(cache_key={"g": "oracle"}),
         **common,
     )
     calls = oracle.calls
     shuffled = Oracle(spots["expression"], spots["real"], np.random.default_rng(1).permutation(n))
-    bad = E.evaluate(shuffled, output=OutputSettings(tmp_path / "bad", tracking_uri=uri, run_name="eval_bad"), **common)
+    bad = E.evaluate(
+        shuffled, output=S.OutputSettings(tmp_path / "bad", tracking_uri=uri, run_name="eval_bad"), **common
+    )
 
     assert good["fidelity"]["fidelity_r_mean"] > bad["fidelity"]["fidelity_r_mean"] + 0.2
     assert good["compartments"]["generated_agreement"] > bad["compartments"]["generated_agreement"]
@@ -295,8 +292,8 @@ def test_evaluate_oracle_vs_shuffled_reports(demo_dataset, spots, probe, tmp_pat
     # rerun with the same generator key: nothing is generated again, the numbers are the same
     again = E.evaluate(
         oracle,
-        output=OutputSettings(tmp_path / "good"),
-        generation=GenerationSettings(cache_key={"g": "oracle"}),
+        output=S.OutputSettings(tmp_path / "good"),
+        generation=S.GenerationSettings(cache_key={"g": "oracle"}),
         **common,
     )
     assert oracle.calls == calls and again["settings"]["generated_from_cache"]
@@ -322,12 +319,12 @@ def test_encoder_probe_and_encoder_fid(demo_dataset, spots, tmp_path, empty_hub)
     oracle = Oracle(spots["expression"], spots["real"])
     metrics = E.evaluate(
         oracle,
-        DataSettings(demo_dataset, FOV_UM, SIZE, 6),
-        OutputSettings(tmp_path / "eval"),
-        realism=RealismSettings(
+        S.DataSettings(demo_dataset, FOV_UM, SIZE, 6),
+        S.OutputSettings(tmp_path / "eval"),
+        realism=S.RealismSettings(
             require_inception="false", encoder_path=path, kid_subsets=5, feature_batch_size=64, fid_method="eigh"
         ),
-        edits=EditSettings([]),
+        edits=S.EditSettings([]),
     )
     assert metrics["realism"]["encoders"]["tiny_encoder"]["fid_method"] == "eigh"
     assert metrics["probe"]["kind"] == "encoder:tiny_encoder" and metrics["settings"]["encoders"] == ["tiny_encoder"]
