@@ -2,14 +2,17 @@
 recorded settings, the newest resumable training checkpoint of a folder, and strict state-dict loading that names
 the weights that do not fit (shared with the autoencoder checkpoints).
 
-Every checkpoint is read with ``torch.load(..., weights_only=True)`` and written atomically.
+Every checkpoint is written atomically and read by :func:`load_checkpoint`: ``torch.load(..., weights_only=True)``
+behind checks that refuse an empty, truncated or foreign file, or one holding code, with a message naming the file.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import re
-from collections.abc import Mapping, Sequence
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,104 @@ from torch import nn
 
 from bundle.utils import atomic_path, plain, unwrap_network
 
+MODEL_HINT = (
+    "train one (python -m monai.bundle run training --config_file configs/train.json) or pass "
+    "--model_path <the models/model.pt of a training run>"
+)
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _format_problem(path: Path) -> str | None:
+    """What makes ``path`` unlike a file ``torch.save`` writes (a zip archive with a ``data.pkl``), or None."""
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes)"
+    with path.open("rb") as f:
+        head = f.read(16)
+    if not zipfile.is_zipfile(path):
+        if head.startswith(_ZIP_MAGIC):
+            return (
+                f"is truncated or damaged (an incomplete zip archive of {size} bytes; copied or written only in part?)"
+            )
+        if head.startswith(b"version https://git-lfs"):
+            return "is a Git LFS pointer file, not the checkpoint itself (fetch it with git lfs pull)"
+        if head[:1] == b"\x80":
+            return (
+                "is a plain pickle or an old-format torch file, not the zip archive torch.save writes (it was not "
+                "unpickled: unpickling can run code)"
+            )
+        return f"is not a torch checkpoint (torch.save writes a zip archive; this file starts with {head!r})"
+    with zipfile.ZipFile(path) as archive:
+        if not any(name.endswith("data.pkl") for name in archive.namelist()):
+            return "is a zip archive but not a torch checkpoint (it holds no data.pkl)"
+    return None
+
+
+def _load_problem(error: Exception) -> str:
+    """The refusal for a ``torch.load(weights_only=True)`` error, without torch's advice (turning weights_only off)."""
+    message = str(error)
+    names = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    if isinstance(error, pickle.UnpicklingError) and names:
+        return (
+            f"holds Python objects ({', '.join(dict.fromkeys(names))}) that torch.load(weights_only=True) refuses "
+            "because unpickling them runs code (it was not loaded)"
+        )
+    first = message.strip().splitlines()[0] if message.strip() else type(error).__name__
+    if "weights_only" in first or "zipfile" in first:
+        first = type(error).__name__
+    return f"is damaged: torch cannot read it ({first[:200]})"
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    what: str,
+    hint: str,
+    map_location: Any = "cpu",
+    mmap: bool = False,
+    required: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Read a checkpoint of this bundle with ``torch.load(weights_only=True)``; refuse anything else, naming the file.
+
+    An absent, empty, truncated or non-torch file, one holding Python objects other than tensors, numbers, strings,
+    lists and dictionaries (code that unpickling would run: it is never run), one that is not a dictionary or lacks
+    the ``required`` keys, is refused with a message that names the file, says what is wrong and ends with ``hint``.
+    Nothing of torch's error is chained, so its advice to turn ``weights_only`` off is never shown.
+
+    Args:
+        path: the checkpoint.
+        what: what it should be, for the message (``"model checkpoint"``, ``"autoencoder checkpoint"``, ...).
+        hint: what to do instead (e.g. how to write such a checkpoint).
+        map_location: passed to ``torch.load``.
+        mmap: memory-map the tensors instead of reading them (cheap for checking a large checkpoint).
+        required: keys the checkpoint must hold.
+
+    Raises:
+        FileNotFoundError: when ``path`` is not a file.
+        ValueError: for every other problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist; {hint}.")
+    problem = _format_problem(path)
+    if problem is None:
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except Exception as error:  # noqa: B902 - any reading error of the file is the same refusal
+            problem = _load_problem(error)
+        else:
+            if not isinstance(state, Mapping):
+                problem = f"holds a {type(state).__name__}, not a dictionary"
+            else:
+                missing = [key for key in required if key not in state]
+                if not missing:
+                    return dict(state)
+                problem = f"has no {', '.join(map(repr, missing))} (its keys: {summarize_keys(map(str, state), 6)})"
+    article = "an" if what[:1].lower() in "aeiou" else "a"
+    raise ValueError(f"{what} {str(path)!r} {problem}; it is not {article} {what} of this bundle: {hint}.")
+
+
+MODEL_KEYS = ("network", "gene_panel", "scale_factor", "latent_shape")
+
 
 def read_model_info(path: str | os.PathLike) -> dict[str, Any]:
     """The entries of ``models/model.pt`` other than the weights (gene panel, normalisation, latent shape, ...).
@@ -25,18 +126,7 @@ def read_model_info(path: str | os.PathLike) -> dict[str, Any]:
     The inference configs read the gene panel and the number of neighbours from here, so that the network they build
     fits the checkpoint.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"model checkpoint {str(path)!r} does not exist: train one first (python -m monai.bundle run training "
-            "--config_file configs/train.json) or pass --model_path <models/model.pt>."
-        )
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    for key in ("gene_panel", "scale_factor", "latent_shape"):
-        if key not in state:
-            raise ValueError(
-                f"{str(path)!r} has no {key!r}: it is not a models/model.pt written by configs/train.json."
-            )
+    state = load_checkpoint(path, "model checkpoint", MODEL_HINT, mmap=True, required=MODEL_KEYS)
     return {k: v for k, v in state.items() if k != "network"}
 
 
@@ -82,7 +172,7 @@ def save_model(
     return Path(path)
 
 
-def summarize_keys(keys: Sequence[str], limit: int = 8) -> str:
+def summarize_keys(keys: Iterable[str], limit: int = 8) -> str:
     """The first ``limit`` of ``keys`` in sorted order, then how many more there are, for error messages."""
     keys = sorted(keys)
     shown = ", ".join(keys[:limit])
@@ -147,11 +237,7 @@ def load_model(
     from bundle.io.gene_panel import check_gene_panel
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Model checkpoint {str(path)!r} does not exist; train the model first (configs/train.json)."
-        )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint(path, "model checkpoint", MODEL_HINT, required=MODEL_KEYS)
     if genes is not None:
         check_gene_panel(state["gene_panel"], list(genes), what="the expression data")
     recorded = state.get("architecture")

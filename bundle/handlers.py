@@ -13,7 +13,7 @@ import torch
 from monai.engines.utils import IterationEvents
 from torch import nn
 
-from bundle.checkpoints import save_model
+from bundle.checkpoints import load_checkpoint, save_model
 from bundle.utils import atomic_path, unwrap_network
 
 __all__ = [
@@ -294,9 +294,11 @@ class ResumableCheckpointSaver:
 class ResumeCheckpointLoader:
     """Load a checkpoint written by :class:`ResumableCheckpointSaver` at the start of training, trainer state included.
 
-    Does nothing when ``load_path`` is None (a fresh run). Loading uses MONAI's ``CheckpointLoader``
-    (``torch.load(..., weights_only=True)``); a :class:`GenePanelState` in ``load_dict`` refuses a checkpoint trained
-    on another gene panel.
+    Does nothing when ``load_path`` is None (a fresh run). When attached, the file is checked with
+    :func:`bundle.checkpoints.load_checkpoint` (memory-mapped, so cheap): an empty, truncated or foreign file, one
+    holding code, or one without the objects to restore is refused naming the file, before training starts. Loading
+    then uses MONAI's ``CheckpointLoader`` (``torch.load(..., weights_only=True)``); a :class:`GenePanelState` in
+    ``load_dict`` refuses a checkpoint trained on another gene panel.
 
     Args:
         load_path: checkpoint file, or None.
@@ -319,6 +321,13 @@ class ResumeCheckpointLoader:
         if self.load_path is None:
             return
         from monai.handlers import CheckpointLoader
+
+        hint = (
+            f"delete it to resume from an older checkpoint in {str(Path(self.load_path).parent)!r} (or to start "
+            "afresh when there is none)"
+        )
+        keys = [*self.load_dict, self.trainer_key]
+        load_checkpoint(self.load_path, "resume checkpoint", hint, map_location="cpu", mmap=True, required=keys)
 
         loader = CheckpointLoader(
             self.load_path, {**self.load_dict, self.trainer_key: engine}, map_location=self.map_location

@@ -16,7 +16,7 @@ import sys
 import time
 
 from bundle.geometry import VISIUM_PITCH_UM
-from bundle.io.dataset import prepare_dataset
+from bundle.io.dataset import MAX_BACKGROUND_SHARE, prepare_dataset
 from bundle.io.gene_panel import load_gene_panel
 from bundle.io.slides import SUPPORTED_BACKENDS
 
@@ -39,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         default=VISIUM_PITCH_UM,
         help="array spacing checked against the pixel size (0: skip)",
     )
+    parser.add_argument(
+        "--max-background-share",
+        type=float,
+        default=MAX_BACKGROUND_SHARE,
+        help="refuse a sample whose share of in-tissue spots on background exceeds this (1: never)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     args = parser.parse_args(argv)
 
@@ -54,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         target_sum=args.target_sum,
         backend=args.backend,
         spot_spacing_um=args.spot_spacing_um or None,
+        max_background_share=args.max_background_share,
         overwrite=args.overwrite,
     )
     print(f"wrote {args.output_dir} ({summary['total_kept']} spots) in {time.perf_counter() - start:.1f} s")

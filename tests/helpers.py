@@ -8,7 +8,9 @@ from each other.
 from __future__ import annotations
 
 import copy
+import csv
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -142,3 +144,46 @@ def tiny_architecture(num_neighbors: int = 6) -> dict:
         "add_condition_to_time_embedding": True,
         "num_neighbors": num_neighbors,
     }
+
+
+# --- manifests and edited copies of the demo study (for input-check tests) ---
+
+
+def write_manifest(path: Path, rows: list[dict]) -> Path:
+    columns = ["sample_id", "st_path", "slide_path", "mpp", "split", "patient", "metadata_path", "layer"]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: row.get(c, "") for c in columns})
+    return path
+
+
+def demo_rows(demo_root: Path) -> list[dict]:
+    with (demo_root / "manifest.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for col in ("st_path", "slide_path"):
+            r[col] = str((demo_root / r[col]).resolve())
+    return rows
+
+
+def edit_positions(demo_root: Path, sample: str, out: Path, edit) -> str:
+    """Copy a demo sample's Space Ranger folder to ``out`` and rewrite its tissue positions with ``edit(rows)``."""
+    folder = out / sample
+    shutil.copytree(demo_root / sample / "spaceranger", folder)
+    positions = folder / "spatial" / "tissue_positions.csv"
+    with positions.open() as f:
+        rows = list(csv.DictReader(f))
+    fields = list(rows[0])
+    edit(rows)
+    with positions.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(folder)
+
+
+def swap_xy(rows: list[dict]) -> None:
+    for r in rows:
+        r["pxl_row_in_fullres"], r["pxl_col_in_fullres"] = r["pxl_col_in_fullres"], r["pxl_row_in_fullres"]

@@ -6,7 +6,6 @@ import csv
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,26 +18,7 @@ from bundle.io.dataset import prepare_dataset, read_manifest
 from bundle.io.gene_panel import check_gene_panel, load_gene_panel
 from bundle.io.spots import check_counts, library_sizes, log_normalize, read_hest_metadata, read_spaceranger
 from bundle.transforms import LoadExpressiond, LoadWSIPatchd, NormalizeExpression, SpatialContextd
-from tests.helpers import ROOT, realdata
-
-
-def write_manifest(path: Path, rows: list[dict]) -> Path:
-    columns = ["sample_id", "st_path", "slide_path", "mpp", "split", "patient", "metadata_path", "layer"]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: row.get(c, "") for c in columns})
-    return path
-
-
-def demo_rows(demo_root: Path) -> list[dict]:
-    with (demo_root / "manifest.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:  # absolute paths so that manifests written elsewhere still point at the demo files
-        for col in ("st_path", "slide_path"):
-            r[col] = str((demo_root / r[col]).resolve())
-    return rows
+from tests.helpers import ROOT, demo_rows, realdata, write_manifest
 
 
 def test_real_spaceranger_folder_loads_in_xy_order():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from monai.data import MetaTensor
 from torch import nn
 
 from bundle.autoencoder.networks import build_autoencoder
-from bundle.checkpoints import load_state_strict
+from bundle.checkpoints import load_checkpoint, load_state_strict
 from bundle.utils import atomic_path, unwrap_network
 
 # keys of an autoencoder checkpoint written by save_autoencoder_checkpoint
@@ -145,23 +144,12 @@ def save_autoencoder_checkpoint(
 
 
 def _read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"autoencoder checkpoint {str(path)!r} does not exist; {_HOW_TO_GET_ONE.format(path=path)}."
-        )
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
-        raise ValueError(
-            f"{str(path)!r} cannot be read with torch.load(weights_only=True) ({error}); write autoencoder checkpoints "
-            f"with bundle.autoencoder.save_autoencoder_checkpoint."
-        ) from error
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get(_CKPT_WEIGHTS), Mapping):
-        found = list(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+    hint = _HOW_TO_GET_ONE.format(path=path)
+    checkpoint = load_checkpoint(path, "autoencoder checkpoint", hint, map_location=map_location, mmap=mmap)
+    if not isinstance(checkpoint.get(_CKPT_WEIGHTS), Mapping):
         raise ValueError(
             f"{str(path)!r} is not an autoencoder checkpoint: expected a dictionary with the state dict under "
-            f"{_CKPT_WEIGHTS!r}, found {found}; write it with bundle.autoencoder.save_autoencoder_checkpoint."
+            f"{_CKPT_WEIGHTS!r}, found {list(checkpoint)}; write it with bundle.autoencoder.save_autoencoder_checkpoint."
         )
     return checkpoint
 

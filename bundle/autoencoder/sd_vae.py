@@ -51,7 +51,9 @@ def _read_diffusers_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path
 
             state = load_file(str(file), device="cpu")
         else:
-            state = torch.load(file, map_location="cpu", weights_only=True)
+            from bundle.checkpoints import load_checkpoint
+
+            state = load_checkpoint(file, "diffusers VAE weights file", "use the vae/ folder of a diffusers model")
         return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}, file
     raise FileNotFoundError(f"{str(folder)!r} holds none of the weight files {list(_WEIGHT_FILES)}.")
 

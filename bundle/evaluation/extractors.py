@@ -294,10 +294,12 @@ def _not_fid_weights(path: Path) -> str:
 
 def _read_fid_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     """Read the weights file (``weights_only=True``: tensors only, no code runs) and check it is a state dict."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise ValueError(f"{_not_fid_weights(path)} (it could not be read as a PyTorch state dict: {e}).") from e
+    from bundle.checkpoints import load_checkpoint
+
+    try:  # the bundle's loader: tensors only, no code runs, and no advice to turn weights_only off
+        state = load_checkpoint(path, "weights file", "a state dict saved with torch.save")
+    except ValueError as e:
+        raise ValueError(f"{_not_fid_weights(path)} (it could not be read as a PyTorch state dict: {e}).") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{_not_fid_weights(path)} (it holds a {type(state).__name__}, not a state dict of tensors).")
     return state

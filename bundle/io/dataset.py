@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import csv
 import datetime
+import math
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from bundle.geometry import (
     VISIUM_SPOT_DIAMETER_UM,
     spot_neighbors,
 )
-from bundle.io.gene_panel import select_gene_panel
+from bundle.io.gene_panel import probe_genes, select_gene_panel
 from bundle.io.slides import SlideInfo, read_slide_info
 from bundle.io.spots import (
     get_counts,
@@ -50,10 +49,15 @@ from bundle.io.spots import (
     spot_diameter_px,
     spot_table,
 )
-from bundle.utils import replace_dir, write_json_atomic
+from bundle.io.tissue import MIN_TISSUE_FRACTION, TISSUE_MARGIN_UM, spot_tissue_fractions
+from bundle.utils import check_writable, staging_dir, write_json_atomic
 
 # manifest split name -> datalist key (MONAI decathlon layout)
 SPLIT_KEYS = {"train": "training", "val": "validation", "test": "test"}
+# why a spot is dropped, in the order the checks run (``spots.csv``'s ``qc`` column, ``qc_summary.json``'s counts)
+DROP_REASONS = ("not_in_tissue", "on_background", "too_few_counts", "patch_leaves_slide")
+# a sample with a larger share of its in-tissue spots on background is refused (spots and slide do not line up)
+MAX_BACKGROUND_SHARE = 0.1
 
 
 @dataclass
@@ -132,6 +136,11 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
             mpp = float(mpp_text) if mpp_text else None
         except ValueError:
             raise ValueError(f"{where}: mpp {mpp_text!r} of sample {sid!r} is not a number (um/px).") from None
+        if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+            raise ValueError(
+                f"{where}: mpp {mpp_text!r} of sample {sid!r} is not a pixel size: give the scan's level-0 pixel size in "
+                "um/px (0.25 at 40x, 0.5 at 20x), or leave the cell empty to read it from the slide."
+            )
         rows.append(
             ManifestRow(
                 sample_id=sid,
@@ -171,8 +180,9 @@ def _check_geometry(sample: str, table: dict, slide, diameter_px: float | None, 
             f"Sample {sample!r}: {int(outside.sum())} of {int(tissue.sum())} in-tissue spot centres lie outside the slide "
             f"{slide.path!r} ({width} x {height} px), e.g. {', '.join(examples)}; spots span x {x.min():.0f}-{x.max():.0f}, "
             f"y {y.min():.0f}-{y.max():.0f}. The coordinates do not belong to this slide at this scale: check that the "
-            "slide is the full-resolution image the spots were aligned to and that the coordinates are full-resolution "
-            "pixels (not hires/lowres image pixels: divide by tissue_hires_scalef)."
+            "slide is the full-resolution image the spots were aligned to, that x and y are not swapped (x = column, "
+            f"y = row{'; swapped, they would fit' if _fits_swapped(x, y, width, height) else ''}) and that the "
+            "coordinates are full-resolution pixels (not hires/lowres image pixels: divide by tissue_hires_scalef)."
         )
     mpp = slide.mpp
     if diameter_px is not None:
@@ -198,8 +208,53 @@ def _check_geometry(sample: str, table: dict, slide, diameter_px: float | None, 
                 )
 
 
+def _fits_swapped(x: np.ndarray, y: np.ndarray, width: int, height: int) -> bool:
+    """Whether the spots would lie on the slide with x and y exchanged."""
+    return bool(((y >= 0) & (x >= 0) & (y < width) & (x < height)).all())
+
+
+def _check_tissue(
+    sample: str, table: dict, slide: SlideInfo, backend: str | None, fov_um: float, max_background_share: float
+) -> np.ndarray:
+    """Tissue fraction of each spot's patch (NaN for spots not in tissue); raise when too many in-tissue spots lie
+    on background, which means the coordinates and the slide do not line up."""
+    fractions = np.full(len(table["x"]), np.nan)
+    tissue = table["in_tissue"] == 1
+    if not tissue.any():
+        return fractions
+    xy = np.stack([table["x"][tissue], table["y"][tissue]], axis=1)
+    fractions[tissue] = spot_tissue_fractions(slide.path, backend, slide.downsamples, slide.mpp, xy, fov_um)
+    refusal = background_refusal(sample, fractions, slide.path, fov_um, max_background_share)
+    if refusal is not None:
+        raise ValueError(refusal)
+    return fractions
+
+
+def background_refusal(
+    sample: str, fractions: np.ndarray, slide_path: str, fov_um: float, max_background_share: float
+) -> str | None:
+    """The refusal message when more than ``max_background_share`` of the in-tissue spots (finite ``fractions``) lie
+    on background, else None."""
+    measured = np.isfinite(fractions)
+    if not measured.any():
+        return None
+    background = int((fractions[measured] < MIN_TISSUE_FRACTION).sum())
+    share = background / int(measured.sum())
+    if share <= max_background_share:
+        return None
+    return (
+        f"Sample {sample!r}: {background} of {int(measured.sum())} in-tissue spots ({100 * share:.0f}%) lie on "
+        f"background (less than {MIN_TISSUE_FRACTION:.0%} tissue within {TISSUE_MARGIN_UM:.0f} um of their "
+        f"{fov_um:g} um patch) on slide {slide_path!r}, more than max_background_share = {max_background_share:g}. "
+        "The spots do not line up with the tissue: check that x and y are not swapped (x = column, y = row), that "
+        "the coordinates are full-resolution pixels (not hires/lowres image pixels: divide by "
+        "tissue_hires_scalef), and that this is the slide the spots were aligned to, not a wrong slide. If the "
+        "tissue really is this faint, raise max_background_share."
+    )
+
+
 @dataclass
-class _Sample:
+class Sample:
     """One manifest sample while the dataset is built: its counts, slide and spot table, then its QC outcome."""
 
     row: ManifestRow
@@ -209,6 +264,8 @@ class _Sample:
     table: dict[str, np.ndarray]
     library: np.ndarray | None = None
     reason: np.ndarray | None = None  # per spot: "" (kept) or why it was dropped
+    tissue: np.ndarray | None = None  # per spot: tissue fraction of its patch (NaN where not measured)
+    features: str = ""  # what the matrix's features were: genes, or probes summed to genes
 
     @property
     def kept(self) -> np.ndarray:
@@ -216,15 +273,26 @@ class _Sample:
 
 
 def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuse to write into a non-empty folder unless ``overwrite``."""
+    """Refuse, before any input is read, an output location that cannot be written, a file, or a non-empty folder
+    without ``overwrite``."""
+    check_writable(output_dir, "dataset folder")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"Dataset folder {str(output_dir)!r} is a file; choose a folder path for the dataset.")
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(
             f"Dataset folder {str(output_dir)!r} exists and is not empty; pass overwrite=True to replace it."
         )
 
 
-def _read_sample(row: ManifestRow, backend: str | None, spot_spacing_um: float | None) -> _Sample:
-    """Read one sample's counts, slide (pixel size from the manifest, the HEST metadata or the slide) and spots."""
+def read_sample(
+    row: ManifestRow,
+    backend: str | None,
+    spot_spacing_um: float | None,
+    fov_um: float = 128.0,
+    max_background_share: float = MAX_BACKGROUND_SHARE,
+) -> Sample:
+    """Read one sample's counts, slide (pixel size from the manifest, the HEST metadata or the slide) and spots, and
+    check that the spots fit the slide and land on its tissue."""
     adata = read_st(row.st_path)
     counts, sample_genes = get_counts(adata, row.layer, name=f"sample {row.sample_id!r} ({row.st_path})")
     mpp, mpp_source = row.mpp, "manifest"
@@ -236,10 +304,13 @@ def _read_sample(row: ManifestRow, backend: str | None, spot_spacing_um: float |
         slide.mpp_source = mpp_source
     table = spot_table(adata)
     _check_geometry(row.sample_id, table, slide, spot_diameter_px(adata), spot_spacing_um)
-    return _Sample(row, counts, sample_genes, slide, table)
+    tissue = _check_tissue(row.sample_id, table, slide, backend, fov_um, max_background_share)
+    probes = probe_genes(adata.var_names, adata.var)
+    features = f"{adata.n_vars} probes -> {len(sample_genes)} genes" if probes else f"{len(sample_genes)} genes"
+    return Sample(row, counts, sample_genes, slide, table, tissue=tissue, features=features)
 
 
-def _common_genes(samples: Sequence[_Sample]) -> list[str]:
+def _common_genes(samples: Sequence[Sample]) -> list[str]:
     """Genes measured in every sample, in the first sample's order."""
     common = set(samples[0].genes)
     for sample in samples[1:]:
@@ -247,7 +318,7 @@ def _common_genes(samples: Sequence[_Sample]) -> list[str]:
     return [g for g in samples[0].genes if g in common]
 
 
-def _check_requested_panel(genes: Sequence[str], samples: Sequence[_Sample]) -> list[str]:
+def _check_requested_panel(genes: Sequence[str], samples: Sequence[Sample]) -> list[str]:
     """The requested panel as strings; raises naming the genes a sample lacks."""
     genes = [str(g) for g in genes]
     for sample in samples:
@@ -261,14 +332,16 @@ def _check_requested_panel(genes: Sequence[str], samples: Sequence[_Sample]) -> 
     return genes
 
 
-def _quality_control(sample: _Sample, fov_um: float, min_counts: int) -> dict[str, Any]:
-    """Mark why each spot is dropped (not in tissue, too few counts, patch leaving the slide); return the summary."""
+def quality_control(sample: Sample, fov_um: float, min_counts: int) -> dict[str, Any]:
+    """Mark why each spot is dropped (:data:`DROP_REASONS`, first match wins); return the summary."""
     table, slide = sample.table, sample.slide
     library = library_sizes(sample.counts)
     half = fov_um / slide.mpp / 2.0
     height, width = slide.size
     reason = np.full(len(library), "", dtype=object)
     reason[table["in_tissue"] != 1] = "not_in_tissue"
+    if sample.tissue is not None:
+        reason[(reason == "") & (sample.tissue < MIN_TISSUE_FRACTION)] = "on_background"
     low = (reason == "") & (library < min_counts)
     reason[low] = "too_few_counts"
     leaves = (reason == "") & (
@@ -280,26 +353,26 @@ def _quality_control(sample: _Sample, fov_um: float, min_counts: int) -> dict[st
         "split": sample.row.split,
         "spots": int(len(library)),
         "kept": int(sample.kept.sum()),
-        **{why: int((reason == why).sum()) for why in ("not_in_tissue", "too_few_counts", "patch_leaves_slide")},
+        **{why: int((reason == why).sum()) for why in DROP_REASONS},
         "mpp": slide.mpp,
         "mpp_source": slide.mpp_source,
     }
     if not sample.kept.any():
         raise ValueError(
             f"Sample {sample.row.sample_id!r} keeps no spot after QC ({summary}); check min_counts ({min_counts}), "
-            f"fov_um ({fov_um}) and the in_tissue flags."
+            f"fov_um ({fov_um}), the in_tissue flags and whether the spots lie on the slide's tissue."
         )
     return summary
 
 
-def _gene_columns(sample: _Sample, genes: Sequence[str]) -> list[int]:
+def _gene_columns(sample: Sample, genes: Sequence[str]) -> list[int]:
     """Column of each of ``genes`` in the sample's count matrix."""
     position = {g: j for j, g in enumerate(sample.genes)}
     return [position[g] for g in genes]
 
 
 def _choose_panel(
-    samples: Sequence[_Sample], genes: list[str] | None, all_genes: list[str], n_top_genes: int, target_sum: float
+    samples: Sequence[Sample], genes: list[str] | None, all_genes: list[str], n_top_genes: int, target_sum: float
 ) -> tuple[list[str], dict[str, Any]]:
     """The gene panel and how it was chosen: as given, or the most variable genes of the kept training spots."""
     if genes is not None:
@@ -319,7 +392,7 @@ def _choose_panel(
     return genes, selection
 
 
-def _datalist_entries(sample: _Sample, offset: int, spot_spacing_um: float | None) -> list[dict[str, Any]]:
+def _datalist_entries(sample: Sample, offset: int, spot_spacing_um: float | None) -> list[dict[str, Any]]:
     """Datalist entries of a sample's kept spots; their expression rows start at ``offset``."""
     table, slide, kept = sample.table, sample.slide, sample.kept
     lattice = "array_row" in table
@@ -348,7 +421,7 @@ def _datalist_entries(sample: _Sample, offset: int, spot_spacing_um: float | Non
     ]
 
 
-def _spot_rows(sample: _Sample) -> list[list]:
+def _spot_rows(sample: Sample) -> list[list]:
     """``spots.csv`` rows of every spot of a sample, kept or not."""
     table = sample.table
     return [
@@ -365,7 +438,7 @@ def _spot_rows(sample: _Sample) -> list[list]:
 
 
 def _assemble(
-    samples: Sequence[_Sample], genes: list[str], target_sum: float, spot_spacing_um: float | None
+    samples: Sequence[Sample], genes: list[str], target_sum: float, spot_spacing_um: float | None
 ) -> dict[str, Any]:
     """The expression and count stores, the datalist and the ``spots.csv`` rows of all samples' kept spots."""
     expression_parts, count_parts, spot_rows = [], [], []
@@ -403,10 +476,12 @@ def _panel_record(genes: list[str], target_sum: float, selection: dict[str, Any]
 
 
 def _write_dataset(output_dir: Path, stores: dict[str, Any], files: dict[str, Any]) -> None:
-    """Write the stores, ``spots.csv`` and the JSON ``files`` into a temporary sibling, then rename it into place."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    """Write the stores, ``spots.csv`` and the JSON ``files`` into a staging sibling, then rename it into place.
+
+    :func:`bundle.utils.staging_dir`: stale staging folders of killed runs are removed first, the folder and files
+    get the umask's permissions, a failure leaves nothing behind and a full disk is reported naming ``output_dir``.
+    """
+    with staging_dir(output_dir, "dataset folder") as staging:
         np.save(staging / "expression.npy", stores["expression"])
         np.save(staging / "counts.npy", stores["counts"])
         for name, content in files.items():
@@ -415,10 +490,6 @@ def _write_dataset(output_dir: Path, stores: dict[str, Any], files: dict[str, An
             writer = csv.writer(f)
             writer.writerow(["sample", "barcode", "x", "y", "total_counts", "qc"])
             writer.writerows(stores["spot_rows"])
-        replace_dir(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def prepare_dataset(
@@ -431,6 +502,7 @@ def prepare_dataset(
     target_sum: float = 1e4,
     backend: str | None = None,
     spot_spacing_um: float | None = VISIUM_PITCH_UM,
+    max_background_share: float = MAX_BACKGROUND_SHARE,
     overwrite: bool = False,
     verbose: bool = True,
 ) -> dict[str, Any]:
@@ -450,6 +522,10 @@ def prepare_dataset(
         backend: slide reader for pixel sizes and dimensions (None: the best available).
         spot_spacing_um: expected centre-to-centre spacing of the array (100 for Visium), checked against the pixel
             size; None skips the check.
+        max_background_share: a sample whose share of in-tissue spots lying on background (no tissue in their patch
+            on the slide's thumbnail) exceeds this is refused: the coordinates and the slide do not line up (x/y
+            swapped, hires/lowres pixels, wrong slide). Such spots of accepted samples are dropped as
+            ``on_background``. 1 turns the refusal off.
         overwrite: replace an existing dataset folder.
         verbose: print the QC summary.
 
@@ -460,13 +536,17 @@ def prepare_dataset(
     _check_output_dir(output_dir, overwrite)
     if fov_um <= 0:
         raise ValueError(f"fov_um must be positive micrometres, got {fov_um}.")
-    samples = [_read_sample(row, backend, spot_spacing_um) for row in read_manifest(manifest)]
+    if not 0.0 <= max_background_share <= 1.0:
+        raise ValueError(f"max_background_share must be a share between 0 and 1, got {max_background_share}.")
+    samples = [
+        read_sample(row, backend, spot_spacing_um, fov_um, max_background_share) for row in read_manifest(manifest)
+    ]
     all_genes = _common_genes(samples)
     if genes is not None:
         genes = _check_requested_panel(genes, samples)
     summary: dict[str, Any] = {"samples": {}}
     for sample in samples:
-        summary["samples"][sample.row.sample_id] = _quality_control(sample, fov_um, min_counts)
+        summary["samples"][sample.row.sample_id] = quality_control(sample, fov_um, min_counts)
     genes, selection = _choose_panel(samples, genes, all_genes, n_top_genes, target_sum)
     stores = _assemble(samples, genes, target_sum, spot_spacing_um)
     summary["total_kept"] = stores["num_spots"]
@@ -478,6 +558,7 @@ def prepare_dataset(
         "fov_um": fov_um,
         "min_counts": min_counts,
         "spot_spacing_um": spot_spacing_um,
+        "max_background_share": max_background_share,
         "num_spots": stores["num_spots"],
         "num_genes": len(genes),
         "stores": {"expression.npy": "log1p(normalize_total) float32", "counts.npy": "raw counts int32"},
@@ -496,15 +577,12 @@ def prepare_dataset(
 
 def format_qc_summary(summary: dict[str, Any]) -> str:
     """The QC summary as a plain-text table: spots kept and dropped per sample, and why."""
-    head = (
-        f"{'sample':<16}{'split':<7}{'spots':>7}{'kept':>7}{'not_in_tissue':>15}{'too_few_counts':>16}"
-        f"{'patch_leaves_slide':>20}{'mpp':>8}"
-    )
+    widths = {why: len(why) + 2 for why in DROP_REASONS}
+    head = f"{'sample':<16}{'split':<7}{'spots':>7}{'kept':>7}" + "".join(f"{k:>{w}}" for k, w in widths.items())
+    head += f"{'mpp':>8}"
     lines = [head, "-" * len(head)]
     for sid, s in summary["samples"].items():
-        lines.append(
-            f"{sid:<16}{s['split']:<7}{s['spots']:>7}{s['kept']:>7}{s['not_in_tissue']:>15}{s['too_few_counts']:>16}"
-            f"{s['patch_leaves_slide']:>20}{s['mpp']:>8.3f}"
-        )
+        counts = "".join(f"{s.get(k, 0):>{w}}" for k, w in widths.items())
+        lines.append(f"{sid:<16}{s['split']:<7}{s['spots']:>7}{s['kept']:>7}{counts}{s['mpp']:>8.3f}")
     lines.append(f"kept {summary['total_kept']} spots, {summary['genes']} genes; per split: {summary['splits']}")
     return "\n".join(lines)

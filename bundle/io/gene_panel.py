@@ -1,10 +1,13 @@
 """The gene panel contract: ``gene_panel.json`` (``{"genes": [...], "normalization": {...}}``), choosing a panel
-from training data, and refusing a panel that does not match, naming the genes.
+from training data, refusing a panel that does not match, naming the genes, and turning a probe-level count matrix
+(Space Ranger's probe-based assays) into genes.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,14 @@ import numpy as np
 
 from bundle.io.spots import log_normalize
 from bundle.utils import read_json
+
+logger = logging.getLogger(__name__)
+
+# Space Ranger probe features: the name is GENE_NAME|hash, the id GENE_ID|GENE_NAME|hash (7 hex digits)
+PROBE_NAME = re.compile(r"^(?P<gene>[^|]+)\|[0-9a-f]{7}$")
+PROBE_ID = re.compile(r"^[^|]+\|(?P<gene>[^|]+)\|[0-9a-f]{7}$")
+# columns scanpy.read_10x_h5 gives the features of a probe-barcode matrix
+PROBE_COLUMNS = ("probe_ids", "probe_region", "filtered_probes")
 
 
 def load_gene_panel(path: str | os.PathLike) -> list[str]:
@@ -87,3 +98,104 @@ def select_gene_panel(
     ranked = adata.var.sort_values("dispersions_norm", ascending=False)
     chosen = set(ranked.index[ranked["highly_variable"]][:n_top_genes])
     return [g for g in genes if g in chosen]
+
+
+def probe_genes(features: Sequence[str], var: Any = None) -> list[str] | None:
+    """The gene each feature measures when the features are Space Ranger probes, else None (gene-level features).
+
+    Probe-level data is recognised by the columns ``scanpy.read_10x_h5`` gives a probe-barcode matrix's features
+    (``gene_name`` with ``probe_ids``/``probe_region``/``filtered_probes``), or by feature names of the form
+    ``GENE_NAME|hash`` / ``GENE_ID|GENE_NAME|hash`` (most of them; a name that does not match is its own gene).
+
+    Args:
+        features: the feature names (``var_names``).
+        var: the features' table (``adata.var`` or ``adata.raw.var``), if there is one.
+    """
+    columns = set(getattr(var, "columns", ()))
+    if "gene_name" in columns and columns & set(PROBE_COLUMNS):
+        return [str(g) for g in var["gene_name"]]
+    names = [str(f) for f in features]
+    matches = [PROBE_NAME.match(n) or PROBE_ID.match(n) for n in names]
+    if not names or sum(m is not None for m in matches) <= len(names) / 2:
+        return None
+    return [m.group("gene") if m else n for m, n in zip(matches, names)]
+
+
+def _passed_filter(flags: Any) -> np.ndarray:
+    """``filtered_probes`` as booleans (True: the probe passed Space Ranger's filter), also from text values."""
+    flags = np.asarray(flags)
+    if flags.dtype.kind in "biuf":
+        return flags.astype(bool)
+    return np.isin(np.char.lower(flags.astype(str)), ("true", "1"))
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    """``names`` with repeats suffixed ``-1``, ``-2``, ... as ``AnnData.var_names_make_unique`` does."""
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        count = seen.get(name, 0)
+        unique.append(name if count == 0 else f"{name}-{count}")
+        seen[name] = count + 1
+    return unique
+
+
+def sum_probes(
+    matrix: Any, features: Sequence[str], var: Any = None, what: str = "data"
+) -> tuple[Any, list[str]] | None:
+    """Sum a probe-level count matrix to genes as Space Ranger does for its gene-level matrix; None for gene features.
+
+    Probes that Space Ranger filtered out (``filtered_probes`` false: e.g. probes prone to off-target or gDNA
+    binding) are dropped, the other probes of each gene are summed. Genes keep the order of their first probe; a gene
+    whose probes were all filtered out stays as a column of zeros. What was done is logged.
+
+    Args:
+        matrix: ``(spots, features)`` raw counts (dense or sparse).
+        features: the feature names.
+        var: the features' table, for the ``gene_name`` and ``filtered_probes`` columns when present.
+        what: the data, for the log and errors.
+
+    Returns:
+        ``(counts, genes)``: a CSR ``(spots, genes)`` matrix and the gene names, or None when the features are genes.
+    """
+    from scipy import sparse
+
+    genes = probe_genes(features, var)
+    if genes is None:
+        return None
+    columns = set(getattr(var, "columns", ()))
+    keep = _passed_filter(var["filtered_probes"]) if "filtered_probes" in columns else np.ones(len(genes), bool)
+    if not keep.any():
+        raise ValueError(
+            f"{what} is a probe-level matrix whose {len(genes)} probes were all filtered out by Space Ranger "
+            "(filtered_probes is false for every probe): no gene can be counted. Use Space Ranger's gene-level "
+            "filtered_feature_bc_matrix.h5."
+        )
+    # one column per gene id when the table has them (two genes may share a symbol), named by the gene's symbol
+    keys = [str(k) for k in var["gene_ids"]] if "gene_ids" in columns else genes
+    if any("|" in k for k in keys):  # probe ids, not gene ids
+        keys = genes
+    first = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    column = {key: c for c, key in enumerate(first)}
+    order = _unique_names([genes[i] for i in first.values()])
+    kept = np.flatnonzero(keep)
+    matrix = sparse.csr_matrix(matrix)
+    indicator = sparse.csr_matrix(
+        (np.ones(len(kept), dtype=matrix.dtype), (kept, [column[keys[i]] for i in kept])),
+        shape=(len(genes), len(order)),
+    )
+    dropped = len(genes) - len(kept)
+    empty = len(order) - len({keys[i] for i in kept})
+    logger.warning(
+        f"{what}: probe-level matrix ({len(genes)} probes of {len(order)} genes, features like {str(features[0])!r}): "
+        + (
+            f"dropped {dropped} probes that Space Ranger filtered out (filtered_probes false) and summed the other "
+            if "filtered_probes" in columns
+            else "no filtered_probes column, so no probe was dropped; summed the "
+        )
+        + f"{len(kept)} probes per gene, as Space Ranger does for its gene-level matrix"
+        + (f"; {empty} genes had no probe left and count 0." if empty else ".")
+    )
+    return (matrix @ indicator).tocsr(), order

@@ -28,6 +28,7 @@ __all__ = [
     "TiffZarrWSIReader",
     "SlideInfo",
     "available_backends",
+    "close_slide",
     "default_backend",
     "get_wsi_reader",
     "open_slide",
@@ -206,6 +207,28 @@ class SlideInfo:
         return self.level_sizes[0]
 
 
+def _recorded_mpp(reader: BaseWSIReader, wsi) -> tuple[float, float]:
+    """The level-0 ``(y, x)`` pixel size the slide records, or raise when it records none.
+
+    cuCIM reports spacing 1.0 with empty units for any file without a pixel size (a bare TIFF, or an Aperio SVS whose
+    description has no ``MPP`` field), and MONAI's reader falls back to that spacing: it is accepted only with
+    micrometre units, and an Aperio ``MPP`` field only when it is a positive number, so that every backend agrees.
+    """
+    if isinstance(reader, CuCIMWSIReader):
+        aperio_mpp = str(wsi.metadata.get("aperio", {}).get("MPP", "") or "").strip()
+        if aperio_mpp:
+            value = float(aperio_mpp)  # raises for text that is not a number
+            if not value > 0:
+                raise ValueError(f"the Aperio description records MPP = {aperio_mpp}")
+            return value, value
+        if "aperio" in wsi.metadata:
+            raise ValueError("the Aperio description has no MPP field")
+        units = [str(u).lower() for u in wsi.spacing_units()[:2]]
+        if not all(u in ("micrometer", "um", "micron", "\u00b5m") for u in units):
+            raise ValueError(f"the slide's spacing has units {units}, not micrometres")
+    return reader.get_mpp(wsi, 0)
+
+
 def resolve_mpp(path: str | os.PathLike, reader: BaseWSIReader, wsi, mpp: float | None = None) -> tuple[float, str]:
     """Return the level-0 pixel size (um/px) and its source: ``mpp`` when given, else the slide's own metadata.
 
@@ -219,21 +242,16 @@ def resolve_mpp(path: str | os.PathLike, reader: BaseWSIReader, wsi, mpp: float 
         mpp: explicit level-0 pixel size in um/px, or None to read it from the slide.
     """
     low, high = PLAUSIBLE_MPP_RANGE
-    if mpp is not None and not (isinstance(mpp, float) and np.isnan(mpp)):
+    if mpp is not None:
         mpp = float(mpp)
-        if not low <= mpp <= high:
+        if not low <= mpp <= high:  # also false for NaN: an unreadable value is never replaced by the slide's
             raise ValueError(
                 f"mpp={mpp} for slide {str(path)!r} is not a plausible pixel size (expected {low}-{high} um/px; "
-                "0.25 at 40x, 0.5 at 20x)."
+                "0.25 at 40x, 0.5 at 20x). Give the scan's pixel size, or leave it empty to read it from the slide."
             )
         return mpp, "explicit"
     try:
-        if isinstance(reader, CuCIMWSIReader) and "aperio" not in wsi.metadata:
-            # cuCIM reports spacing 1.0 with an empty unit for a TIFF without resolution tags: not a pixel size
-            units = [str(u).lower() for u in wsi.spacing_units()[:2]]
-            if not all(u in ("micrometer", "um", "micron", "\u00b5m") for u in units):
-                raise ValueError(f"the slide's spacing has units {units}, not micrometres")
-        mpp_y, mpp_x = reader.get_mpp(wsi, 0)
+        mpp_y, mpp_x = _recorded_mpp(reader, wsi)
     except Exception as e:
         raise ValueError(
             f"Slide {str(path)!r} has no pixel size in its metadata ({e}). Pass it explicitly (the manifest's `mpp` "
@@ -266,11 +284,12 @@ def read_slide_info(path: str | os.PathLike, backend: str | None = "cucim", mpp:
         downsamples = [sizes[0][0] / s[0] for s in sizes]
         value, source = resolve_mpp(path, reader, wsi, mpp)
     finally:
-        _close(wsi)
+        close_slide(wsi)
     return SlideInfo(str(path), reader.backend, sizes, downsamples, value, source)
 
 
-def _close(wsi) -> None:
+def close_slide(wsi) -> None:
+    """Close a slide object opened by :func:`open_slide` (cuCIM objects have no ``close``)."""
     close = getattr(wsi, "close", None)
     if callable(close):
         close()

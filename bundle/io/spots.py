@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,14 +46,14 @@ def read_spaceranger(path: str | os.PathLike, count_file: str = "filtered_featur
     """Read a Space Ranger output folder with ``scanpy.read_visium``.
 
     Returns an AnnData with raw counts in ``X``, ``obsm["spatial"]`` = ``(x, y)`` full-resolution pixels,
-    ``obs["in_tissue"/"array_row"/"array_col"]`` and unique gene symbols as ``var_names``.
+    ``obs["in_tissue"/"array_row"/"array_col"]`` and unique gene symbols as ``var_names``. A ``library_ids``
+    attribute stored as a variable-length string (which scanpy cannot decode) is read as well.
 
     Raises:
         FileNotFoundError: the folder, the count matrix or ``spatial/`` files are missing.
-        ValueError: the HDF5 lacks the ``library_ids`` attribute that scanpy needs.
+        ValueError: the HDF5 is truncated or corrupt or lacks the ``library_ids`` attribute; ``spatial/`` files are
+            empty, unreadable or do not cover the matrix's barcodes. Every message names the file.
     """
-    import scanpy as sc
-
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"Space Ranger folder {str(path)!r} does not exist.")
@@ -65,22 +66,112 @@ def read_spaceranger(path: str | os.PathLike, count_file: str = "filtered_featur
             f"{str(path)!r} has no spatial/tissue_positions.csv (Space Ranger >= 2.0) or "
             "spatial/tissue_positions_list.csv (1.x): the spot coordinates are needed."
         )
-    import h5py
-
-    with h5py.File(h5, "r") as f:
-        has_library_ids = "library_ids" in f.attrs
-    if not has_library_ids:
+    positions = next(p for p in positions if p.is_file())  # the one scanpy reads
+    library_id = _library_id(h5, path)
+    _check_spatial_files(path, positions)
+    adata = _read_visium(path, count_file, library_id, positions)
+    lost = np.isnan(np.asarray(adata.obsm["spatial"], dtype=np.float64)).any(axis=1)
+    if lost.any():
         raise ValueError(
-            f"{str(h5)!r} has no `library_ids` attribute, which scanpy.read_visium needs to name the capture area. "
-            "Space Ranger writes it; for a file from another tool add it, e.g. "
-            "`h5py.File(path, 'a').attrs['library_ids'] = [b'<sample id>']`, or convert the sample to .h5ad "
-            "with obsm['spatial'] and use that."
+            f"{str(positions)!r} has no position for {int(lost.sum())} of the {adata.n_obs} barcodes of {count_file} "
+            f"(e.g. {list(adata.obs_names[lost][:3])}): the file is incomplete or from another run. Copy the spatial/ "
+            "folder of the same Space Ranger run."
         )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        adata = sc.read_visium(path, count_file=count_file)
     adata.var_names_make_unique()
     return adata
+
+
+def corrupt_file_message(path: Path, error: BaseException, source: str = "where it came from") -> str:
+    """The message for a file that its library cannot open: names it, says it is truncated or corrupt, and to copy it."""
+    return (
+        f"{str(path)!r} cannot be read ({error}): the file is truncated or corrupt (an interrupted copy or download?); "
+        f"copy it again from {source}."
+    )
+
+
+def _folder_sample(path: Path) -> str:
+    """A sample name from a Space Ranger folder's path (its parent's name for ``outs``)."""
+    return path.parent.name if path.name in ("outs", "spaceranger") else path.name
+
+
+def _library_id(h5: Path, folder: Path) -> str:
+    """The HDF5's ``library_ids`` attribute as text (fixed-length bytes or a variable-length string)."""
+    import h5py
+
+    try:
+        with h5py.File(h5, "r") as f:
+            value = f.attrs.get("library_ids")
+    except OSError as error:
+        raise ValueError(corrupt_file_message(h5, error, "Space Ranger's outs/ folder")) from None
+    values = np.asarray(value).ravel() if value is not None else np.array([])
+    if values.size == 0:
+        sample = re.sub(r"[^A-Za-z0-9_.-]", "_", _folder_sample(folder)) or "sample"
+        fix = (
+            f"import h5py, numpy as np; f = h5py.File({str(h5)!r}, 'a'); "
+            f"f.attrs['library_ids'] = np.array([b'{sample}'], dtype='S'); f.close()"
+        )
+        raise ValueError(
+            f"{str(h5)!r} has no `library_ids` attribute, which scanpy.read_visium needs to name the capture area. "
+            "Space Ranger writes it; for a file from another tool add it as fixed-length bytes (a list of Python "
+            f'strings is stored as a variable-length string that scanpy cannot decode): python -c "{fix}" '
+            "(or convert the sample to .h5ad with obsm['spatial'] and use that)."
+        )
+    first = values[0]
+    return first.decode("utf-8") if isinstance(first, bytes) else str(first)
+
+
+def _check_spatial_files(folder: Path, positions: Path) -> None:
+    """Raise naming the file when the positions are empty or ``spatial/`` lacks what scanpy.read_visium loads."""
+    with positions.open("rb") as f:
+        if not f.read(4096).strip():
+            raise ValueError(
+                f"{str(positions)!r} is empty: it should hold one row per spot (barcode, in_tissue, array_row, "
+                "array_col, pixel row and column). Copy the whole spatial/ folder again from the Space Ranger run's "
+                "outs/."
+            )
+    names = ("scalefactors_json.json", "tissue_hires_image.png", "tissue_lowres_image.png")
+    missing = [n for n in names if not (folder / "spatial" / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"Space Ranger folder {str(folder)!r}: spatial/ lacks {', '.join(missing)}, which scanpy.read_visium "
+            "loads; copy the whole spatial/ folder from the same Space Ranger run's outs/ (tissue positions, "
+            "scalefactors_json.json and the hires and lowres images)."
+        )
+
+
+def _read_visium(folder: Path, count_file: str, library_id: str, positions: Path):
+    """``scanpy.read_visium``, with its errors turned into messages that name the file at fault."""
+    import scanpy as sc
+
+    h5 = folder / count_file
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return sc.read_visium(folder, count_file=count_file, library_id=library_id)
+    except (FileNotFoundError, PermissionError):
+        raise
+    except OSError as error:
+        image = re.match(r"Could not find '(hires|lowres)_image'", str(error))
+        if image:
+            png = folder / "spatial" / f"tissue_{image.group(1)}_image.png"
+            raise ValueError(
+                corrupt_file_message(png, error.__cause__ or error, "the Space Ranger run's spatial/ folder")
+            ) from None
+        raise ValueError(corrupt_file_message(h5, error, "Space Ranger's outs/ folder")) from None
+    except ValueError as error:
+        if "Length mismatch" not in str(error):
+            raise
+        raise ValueError(
+            f"{str(positions)!r} does not have Space Ranger's six columns (barcode, in_tissue, array_row, array_col, "
+            f"pxl_row_in_fullres, pxl_col_in_fullres): {error}. Copy the spatial/ folder of the Space Ranger run."
+        ) from None
+    except Exception as error:
+        if not isinstance(error.__cause__, KeyError):
+            raise
+        raise ValueError(
+            f"{str(h5)!r} is not a complete 10x HDF5 count matrix: it lacks the dataset {error.__cause__} ({error}). "
+            "Copy it again from Space Ranger's outs/ folder."
+        ) from None
 
 
 def read_h5ad(path: str | os.PathLike, require_spatial: bool = True):
@@ -95,7 +186,10 @@ def read_h5ad(path: str | os.PathLike, require_spatial: bool = True):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"h5ad file {str(path)!r} does not exist.")
-    adata = anndata.read_h5ad(path)
+    try:
+        adata = anndata.read_h5ad(path)
+    except OSError as error:
+        raise ValueError(corrupt_file_message(path, error)) from None
     if require_spatial and "spatial" not in adata.obsm:
         raise ValueError(
             f"{str(path)!r} has no obsm['spatial'] (spot centres as (x, y) level-0 pixels); add it before preparing."
@@ -158,6 +252,14 @@ def check_counts(values: Any, name: str = "counts", remedy: str | None = None) -
         remedy = (
             f"Use the raw counts ({RAW_COUNTS_HINT}), or skip normalisation for data that is already log-normalised."
         )
+    if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+        n_nan = int(np.isnan(values).sum())
+        n_inf = int((~np.isfinite(values)).sum()) - n_nan
+        found = " and ".join([f"{n_nan} NaN"] * bool(n_nan) + [f"{n_inf} infinite"] * bool(n_inf))
+        raise ValueError(
+            f"{name} has {found} value(s), so it is not raw counts (missing measurements?); fill them with 0 or "
+            f"export the raw counts again. {remedy}"
+        )
     if values.min() < 0:
         raise ValueError(
             f"{name} has negative values (min {values.min():.4g}), so it is not raw counts (scaled or centred data?). "
@@ -184,22 +286,26 @@ def get_counts(adata, layer: str | None = None, name: str = "sample"):
     """Return ``(counts, gene_names)``: a CSR matrix of raw counts and the matching gene names.
 
     Looks in ``layer`` when given, else ``adata.raw`` when present, else ``X``, and checks that the values are counts
-    (:func:`check_counts`).
+    (:func:`check_counts`). A probe-level matrix (Space Ranger probe-based assays) is summed to genes, without the
+    probes Space Ranger filtered out (:func:`bundle.io.gene_panel.sum_probes`).
 
     Raises:
         ValueError: the values are negative or not whole numbers (log-normalised or scaled data), naming ``name``.
     """
     from scipy import sparse
 
+    from bundle.io.gene_panel import sum_probes
+
     if layer is not None:
-        matrix, genes, source = _layer(adata, layer, name), list(adata.var_names), f"layer {layer!r}"
+        matrix, genes, var, source = _layer(adata, layer, name), list(adata.var_names), adata.var, f"layer {layer!r}"
     elif adata.raw is not None:
-        matrix, genes, source = adata.raw.X, list(adata.raw.var_names), "adata.raw"
+        matrix, genes, var, source = adata.raw.X, list(adata.raw.var_names), adata.raw.var, "adata.raw"
     else:
-        matrix, genes, source = adata.X, list(adata.var_names), "X"
+        matrix, genes, var, source = adata.X, list(adata.var_names), adata.var, "X"
     matrix = sparse.csr_matrix(matrix)
     check_counts(matrix.data, f"{name}: {source}", remedy=f"Provide raw counts: {RAW_COUNTS_HINT}.")
-    return matrix, genes
+    summed = sum_probes(matrix, genes, var, what=f"{name}: {source}")
+    return summed if summed is not None else (matrix, genes)
 
 
 def library_sizes(counts) -> np.ndarray:
@@ -377,6 +483,14 @@ def _read_anndata_spots(
         raise ValueError(f"{what} holds no spot.")
     ids = _unique_ids(adata.obs_names, what)
     if normalized:
+        from bundle.io.gene_panel import probe_genes
+
+        if probe_genes(adata.var_names, adata.var) is not None:
+            raise ValueError(
+                f"{what} is a probe-level matrix (features like {str(adata.var_names[0])!r}) holding normalised values, "
+                "which cannot be summed to genes. Give raw counts (normalized=False: the probes are summed per gene as "
+                "Space Ranger does) or a gene-level matrix."
+            )
         matrix = _layer(adata, layer, what) if layer is not None else adata.X
         columns = _panel_columns(genes, list(adata.var_names), what)
         values = sparse.csr_matrix(matrix)[:, columns].toarray().astype(np.float32)

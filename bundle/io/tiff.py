@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bundle.utils import memmap_array
+from bundle.utils import check_writable, memmap_array, no_space_errors
 
 _COMPRESSIONS = ("jpeg", "deflate", "zlib", "lzw", "none")
 _WRITE_BUFFER_TILES = 32  # tiles that tifffile compresses per pass
@@ -137,6 +137,8 @@ def write_pyramidal_tiff(
     Raises:
         ValueError: if ``image`` is not an (H, W, 3) uint8 array or another argument is out of range.
         FileNotFoundError: if the destination folder does not exist.
+        PermissionError, NotADirectoryError: if no file can be created in the destination folder (checked first).
+        bundle.utils.NoSpaceError: if the disk fills up (the message names ``path``; no file is left behind).
     """
     path = Path(path)
     image = _check_image(image)
@@ -187,6 +189,8 @@ def write_pyramidal_tiff_streamed(
     Raises:
         ValueError: if ``source`` is not an (H, W, 3) uint8 array-like or another argument is out of range.
         FileNotFoundError: if the destination folder or ``workdir`` does not exist.
+        PermissionError, NotADirectoryError: if no file can be created in the destination folder (checked first).
+        bundle.utils.NoSpaceError: if the disk fills up (the message names ``path``; no file is left behind).
     """
     path = Path(path)
     shape, dtype = getattr(source, "shape", None), getattr(source, "dtype", None)
@@ -227,8 +231,9 @@ def check_write_arguments(
         raise ValueError(f"quality must be an integer JPEG quality in [1, 100], got {quality!r}.")
     if not isinstance(min_level_size, (int, np.integer)) or min_level_size < 1:
         raise ValueError(f"min_level_size must be a positive number of pixels, got {min_level_size!r}.")
-    if not path.parent.is_dir():
+    if not path.parent.exists():
         raise FileNotFoundError(f"the folder of path {str(path)!r} does not exist; create it first.")
+    check_writable(path, "TIFF file")  # a file as folder, no rights or a read-only disk: before any pixel is made
     return compression
 
 
@@ -274,7 +279,7 @@ def _write_pyramid(
     # a fresh name beside the target (same file system, so os.replace is atomic); created with the usual permissions
     tmp_name = str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with tifffile.TiffWriter(tmp_name, bigtiff=bigtiff) as tif:
+        with no_space_errors(path, "the pyramidal TIFF"), tifffile.TiffWriter(tmp_name, bigtiff=bigtiff) as tif:
             level = source
             for index, (height, width) in enumerate(shapes):
                 if index > 0:
@@ -301,7 +306,8 @@ def _write_pyramid(
                     metadata=None,
                     buffersize=buffersize,
                 )
-        os.replace(tmp_name, path)
+        with no_space_errors(path, "the pyramidal TIFF"):
+            os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise

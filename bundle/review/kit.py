@@ -17,15 +17,13 @@ import json
 import os
 import random
 import secrets
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bundle.utils import atomic_path, replace_dir
+from bundle.utils import atomic_path, check_writable, staging_dir
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -139,7 +137,8 @@ def export_review_kit(
     ``num`` real and ``num`` generated images are drawn (a random subset when a folder holds more), shuffled together,
     re-encoded as plain PNGs (pixels only: no original name, EXIF, text chunk or colour profile; one timestamp for all)
     and saved under random names. The kit is assembled in a hidden sibling folder and renamed into place at the end,
-    and the key is only written once the kit is complete, so a failure leaves neither half-written.
+    and the key is only written once the kit is complete, so a failure leaves neither half-written. The
+    key is readable by its owner only (``0600``); the kit gets the usual permissions (``0666``/``0777`` less the umask).
 
     Args:
         real_dir: folder of real patches (``.png`` / ``.jpg``).
@@ -165,12 +164,15 @@ def export_review_kit(
             folder inside the kit folder, or an unreadable image.
         FileNotFoundError: a source folder that does not exist.
         FileExistsError: an existing non-empty kit folder or an existing key without ``overwrite``.
+        NotADirectoryError, PermissionError: a kit folder or key that cannot be written (checked before the
+            sources are read).
+        NoSpaceError: the disk filled up (the message names the kit folder or key; nothing is left half-written).
     """
     output_dir, key_path = Path(output_dir), Path(key_path)
     sources = {"real": Path(real_dir), "generated": Path(generated_dir)}
     num = _check_request(sources, num, output_dir, key_path, size)
+    _check_destination(output_dir, key_path, overwrite)  # before the sources are read
     pools = _image_pools(sources, num)
-    _check_destination(output_dir, key_path, overwrite)
 
     if seed is None:
         seed = secrets.randbelow(2**31)
@@ -178,17 +180,14 @@ def export_review_kit(
     names = _random_names(len(items))
     kit_id = secrets.token_hex(8)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
-        sizes = _stage_kit(staging, kit_id, names, items, size, features, title)
-        key = _key_record(kit_id, seed, num, sources, output_dir, features, names, items)
-        with atomic_path(key_path) as tmp_key:  # the key appears only once the kit is in place
-            tmp_key.write_text(json.dumps(key, indent=2) + "\n", encoding="utf-8")
-            replace_dir(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    key = _key_record(kit_id, seed, num, sources, output_dir, features, names, items)
+    # the key is private (0600 whatever the umask: it holds the answers of the review) and appears only once the kit
+    # is in place; the kit folder is staged (stale staging folders of killed exports removed) and gets the umask's
+    # permissions
+    with atomic_path(key_path, mode=0o600) as tmp_key:
+        tmp_key.write_text(json.dumps(key, indent=2) + "\n", encoding="utf-8")
+        with staging_dir(output_dir, "review kit folder") as staging:
+            sizes = _stage_kit(staging, kit_id, names, items, size, features, title)
     return {
         "kit_id": kit_id,
         "kit_dir": str(output_dir),
@@ -240,7 +239,10 @@ def _image_pools(sources: dict[str, Path], num: int) -> dict[str, list[Path]]:
 
 
 def _check_destination(output_dir: Path, key_path: Path, overwrite: bool) -> None:
-    """Refuse a kit path that is a file, and, without ``overwrite``, a non-empty kit folder or an existing key."""
+    """Refuse a kit folder or key that cannot be written, a kit path that is a file, and, without ``overwrite``, a
+    non-empty kit folder or an existing key."""
+    check_writable(output_dir, "review kit folder")
+    check_writable(key_path, "review key")
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"The kit path {str(output_dir)!r} exists and is not a folder; choose another path.")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:

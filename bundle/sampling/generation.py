@@ -16,9 +16,7 @@ import logging
 import math
 import os
 import re
-import shutil
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from torch import nn
 from bundle.io.spots import SpotExpression
 from bundle.sampling.grids import to_uint8
 from bundle.sampling.pipeline import ExpressionToTissuePipeline, seeded_generators
-from bundle.utils import jsonable
+from bundle.utils import StagingDir, check_writable, jsonable, no_space_errors
 
 logger = logging.getLogger(__name__)
 
@@ -150,13 +148,46 @@ def build_conditions(spots: SpotExpression, num_neighbors: int, indices: Sequenc
     return out
 
 
+EVERY_SPOT = ("all", "none", "null")
+
+
+def parse_num_spots(value: Any, key: str = "num_spots") -> int | None:
+    """A number of spots as a config or the command line gives it: a positive count, or None for every spot.
+
+    MONAI's command line drops an override whose value is None (``--num_spots None`` leaves the config's default), so
+    every spot is also written ``0`` or ``"all"`` (``"none"``/``"null"`` too, in any case).
+
+    Args:
+        value: the setting.
+        key: its name, for the message.
+
+    Raises:
+        ValueError: naming the setting and the value, for anything else (negative, fractional, other text).
+    """
+    if value is None:
+        return None
+    count = value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in EVERY_SPOT:
+            return None
+        count = int(text) if text.isdigit() else None
+    elif isinstance(value, float) and value.is_integer():
+        count = int(value)
+    if isinstance(count, (int, np.integer)) and not isinstance(count, bool) and count >= 0:
+        return int(count) or None
+    raise ValueError(
+        f"{key} must be a positive number of spots, or 0 or 'all' for every spot (--{key} all), got {value!r}."
+    )
+
+
 def select_spots(
     spots: SpotExpression, spot_ids: Sequence[str] | str | None = None, num_spots: int | None = None
 ) -> np.ndarray:
     """Rows of ``spots`` to generate: the ones named in ``spot_ids`` (in that order), else all; at most ``num_spots``.
 
     ``num_spots`` keeps that many spots spread evenly over the selection (in input order), so a preview of a slide
-    covers all of it; None keeps all.
+    covers all of it; None, 0 or ``"all"`` keeps all (:func:`parse_num_spots`).
     """
     if spot_ids is not None:
         spot_ids = [spot_ids] if isinstance(spot_ids, str) else [str(s) for s in spot_ids]
@@ -170,11 +201,9 @@ def select_spots(
         rows = np.asarray([index[s] for s in dict.fromkeys(spot_ids)], dtype=np.int64)
     else:
         rows = np.arange(len(spots), dtype=np.int64)
-    if num_spots is not None:
-        if int(num_spots) < 1:
-            raise ValueError(f"num_spots must be >= 1 (or None for every spot), got {num_spots}.")
-        if int(num_spots) < len(rows):
-            rows = rows[np.unique(np.linspace(0, len(rows) - 1, int(num_spots)).round().astype(np.int64))]
+    num_spots = parse_num_spots(num_spots)
+    if num_spots is not None and num_spots < len(rows):
+        rows = rows[np.unique(np.linspace(0, len(rows) - 1, num_spots).round().astype(np.int64))]
     if len(rows) == 0:
         raise ValueError(f"no spot selected from {spots.source or 'the input'}.")
     return rows
@@ -371,6 +400,7 @@ class PatchWriter:
         self.metadata = dict(metadata or {})
         self.progress, self.pred_key = progress, pred_key
         self.staging: Path | None = None
+        self._stage = None  # the bundle.utils.StagingDir behind ``staging``
         self.rows: list[dict[str, Any]] = []
         self._bar = None
         self._start = 0.0
@@ -384,8 +414,10 @@ class PatchWriter:
         engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
 
     def check_output_dir(self) -> None:
-        """Refuse an existing ``output_dir`` that is neither empty nor a previous result."""
+        """Refuse an ``output_dir`` that cannot be written, and an existing one that is neither empty nor a previous
+        result."""
         out = self.output_dir
+        check_writable(out, "generation output_dir")
         if out.exists() and not out.is_dir():
             raise FileExistsError(f"output_dir {str(out)!r} is a file; choose a folder (--output_dir).")
         if out.is_dir() and any(out.iterdir()) and not (out / "manifest.csv").is_file():
@@ -396,10 +428,9 @@ class PatchWriter:
 
     def started(self, engine) -> None:
         self.check_output_dir()
-        self.output_dir.parent.mkdir(parents=True, exist_ok=True)
-        # an ordinary folder (permissions from the umask), unlike tempfile.mkdtemp's private one
-        self.staging = self.output_dir.parent / f".{self.output_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.staging.mkdir()
+        # stale staging folders of killed runs are removed (and logged); an ordinary folder (umask permissions)
+        self._stage = StagingDir(self.output_dir, "generation output_dir")
+        self.staging = self._stage.create()
         self.rows = []
         self._start = time.perf_counter()
         total = len(getattr(engine.data_loader, "dataset", []) or []) or None
@@ -432,8 +463,6 @@ class PatchWriter:
             self._bar.update(images.shape[0])
 
     def completed(self, engine) -> None:
-        from bundle.utils import replace_dir
-
         self._close_bar()
         columns = list(MANIFEST_SPOT_COLUMNS) + [k for k in self.metadata if k not in MANIFEST_SPOT_COLUMNS]
         # plain writes: nothing in the staging folder is visible under output_dir before the rename below
@@ -444,20 +473,22 @@ class PatchWriter:
         seconds = time.perf_counter() - self._start
         summary = {**jsonable(self.metadata), "num_patches": len(self.rows), "seconds": round(seconds, 2)}
         (self.staging / "generation.json").write_text(json.dumps(summary, indent=2) + "\n")
-        replace_dir(self.staging, self.output_dir)
-        self.staging = None
+        self._stage.commit()
+        self._stage, self.staging = None, None
         engine.logger.info(
             f"wrote {len(self.rows)} patches and manifest.csv to {self.output_dir} in {seconds:.1f} s "
             f"({seconds / max(1, len(self.rows)):.2f} s per patch)."
         )
 
     def exception_raised(self, engine, error: BaseException) -> None:
-        """Delete the staging folder and re-raise (ignite only re-raises when no handler is registered)."""
+        """Delete the staging folder and re-raise (ignite only re-raises when no handler is registered); a full disk
+        is re-raised naming ``output_dir``."""
         self._close_bar()
-        if self.staging is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            self.staging = None
-        raise error
+        if self._stage is not None:
+            self._stage.discard()
+            self._stage, self.staging = None, None
+        with no_space_errors(self.output_dir, "the generation output_dir"):
+            raise error
 
     def _close_bar(self) -> None:
         if self._bar is not None:

@@ -6,7 +6,6 @@ grid over the tissue. :func:`plan_slide` returns everything as a :class:`SlidePl
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 
 from bundle.geometry import estimate_spot_pitch, lattice_offsets
 from bundle.io.tiff import check_write_arguments
+from bundle.utils import check_writable
 
 
 @dataclass
@@ -74,13 +74,7 @@ def _check_output_path(path: Path) -> None:
         raise NotADirectoryError(f"the folder of output_path {str(path)!r} is not a folder; choose another path.")
     if path.is_dir():
         raise IsADirectoryError(f"output_path {str(path)!r} is a folder; give a file name such as slide.tif.")
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe"):
-            pass
-    except OSError as error:
-        raise PermissionError(
-            f"cannot write into the folder of output_path {str(path)!r} ({error.strerror}); choose a writable folder."
-        ) from error
+    check_writable(path, "slide output_path")
 
 
 @dataclass
