@@ -43,3 +43,15 @@ def fid_weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("fid_weights") / extractors.INCEPTION_WEIGHTS_FILE
     torch.save(net.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def her2st_root(tmp_path_factory) -> Path:
+    """Small real crops of two her2st sections (C2 and C5, 49 spots each) in the published layout; skips without
+    the shared her2st folder."""
+    from tests.helpers import her2st_crop
+
+    root = tmp_path_factory.mktemp("her2st")
+    for section in ("C2", "C5"):
+        her2st_crop(section, root)
+    return root

@@ -187,3 +187,46 @@ def edit_positions(demo_root: Path, sample: str, out: Path, edit) -> str:
 def swap_xy(rows: list[dict]) -> None:
     for r in rows:
         r["pxl_row_in_fullres"], r["pxl_col_in_fullres"] = r["pxl_col_in_fullres"], r["pxl_row_in_fullres"]
+
+
+HER2ST_SECTIONS = ("B4", "C2", "C3", "C4", "C5")
+
+
+def her2st_crop(section: str, dest: Path, half_width: int = 3, margin_px: int = 250, quality: int = 95) -> Path:
+    """A small real crop of a her2st section, in the published layout: ``dest/<section>/`` with ``<section>.tsv.gz``
+    (the spots' raw counts, every gene), ``<section>_selection.tsv`` (pixel centres shifted into the crop) and one
+    JPEG of the full-resolution pixels around those spots.
+
+    The spots are the array block of ``2 * half_width + 1`` columns and rows around the section's median spot (up to
+    49 spots by default); the JPEG extends ``margin_px`` beyond the outermost spot centres. Skips when the shared
+    her2st folder is absent.
+    """
+    import gzip
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    source = realdata("her2st", section)
+    out = Path(dest) / section
+    if (out / f"{section}_selection.tsv").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    selection = pd.read_csv(source / f"{section}_selection.tsv", sep="\t")
+    cx, cy = int(np.median(selection["x"])), int(np.median(selection["y"]))
+    block = selection[(abs(selection["x"] - cx) <= half_width) & (abs(selection["y"] - cy) <= half_width)].copy()
+    left = int(max(block["pixel_x"].min() - margin_px, 0))
+    top = int(max(block["pixel_y"].min() - margin_px, 0))
+    right, bottom = int(block["pixel_x"].max() + margin_px), int(block["pixel_y"].max() + margin_px)
+    (jpeg,) = source.glob("*.jpg")
+    Image.MAX_IMAGE_PIXELS = None
+    with Image.open(jpeg) as image:
+        image.crop((left, top, right, bottom)).save(out / jpeg.name, quality=quality)
+    block["pixel_x"] -= left
+    block["pixel_y"] -= top
+    block.to_csv(out / f"{section}_selection.tsv", sep="\t", index=False)
+    names = {f"{x}x{y}" for x, y in zip(block["x"], block["y"])}
+    with gzip.open(source / f"{section}.tsv.gz", "rt") as f:
+        counts = pd.read_csv(f, sep="\t", index_col=0)
+    counts.loc[[n for n in counts.index if n in names]].to_csv(out / f"{section}.tsv.gz", sep="\t")
+    return out
