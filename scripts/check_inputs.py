@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from bundle.geometry import VISIUM_PITCH_UM
+from bundle.geometry import PITCH_TOLERANCE
 from bundle.io.check import check_inputs, format_check_table
 from bundle.io.dataset import MAX_BACKGROUND_SHARE
 from bundle.io.slides import SUPPORTED_BACKENDS
@@ -29,7 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fov-um", type=float, default=128.0, help="patch field of view in um")
     parser.add_argument("--min-counts", type=int, default=100, help="spots with fewer total counts are dropped")
     parser.add_argument("--backend", default=None, choices=SUPPORTED_BACKENDS, help="slide reader")
-    parser.add_argument("--spot-spacing-um", type=float, default=VISIUM_PITCH_UM, help="array spacing (0: skip)")
+    parser.add_argument("--spot-spacing-um", type=float, default=None, help="array pitch (default: the technology's)")
+    parser.add_argument(
+        "--pitch-tolerance", type=float, default=PITCH_TOLERANCE, help="pixel size vs fitted pitch (0: skip)"
+    )
+    parser.add_argument("--split-by", default="patient", choices=("patient", "sample"), help="as for preparation")
     parser.add_argument(
         "--max-background-share", type=float, default=MAX_BACKGROUND_SHARE, help="refusal threshold (1: off)"
     )
@@ -42,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         backend=args.backend,
         spot_spacing_um=args.spot_spacing_um or None,
         max_background_share=args.max_background_share,
+        pitch_tolerance=args.pitch_tolerance or None,
+        split_by=args.split_by,
     )
     print(format_check_table(results))
     if args.json:

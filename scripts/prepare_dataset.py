@@ -5,8 +5,9 @@ Example (the built-in demo data):
     python scripts/make_demo_data.py --output-dir demo_data
     python scripts/prepare_dataset.py --manifest demo_data/manifest.csv --output-dir datasets/demo
 
-The manifest is a CSV with columns sample_id,st_path,slide_path and optional mpp,split,patient,metadata_path,layer
-(paths relative to the manifest). See docs/data.md.
+The manifest is a CSV with columns sample_id,st_path,slide_path (or sample_id,hest_root) and optional
+mpp,split,patient,metadata_path,layer,technology (paths relative to the manifest). See docs/data.md and, for the
+her2st sections, docs/real_data.md.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import sys
 import time
 
-from bundle.geometry import VISIUM_PITCH_UM
+from bundle.geometry import PITCH_TOLERANCE
 from bundle.io.dataset import MAX_BACKGROUND_SHARE, prepare_dataset
 from bundle.io.gene_panel import load_gene_panel
 from bundle.io.slides import SUPPORTED_BACKENDS
@@ -34,10 +35,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-sum", type=float, default=1e4, help="normalize_total target before log1p")
     parser.add_argument("--backend", default=None, choices=SUPPORTED_BACKENDS, help="slide reader")
     parser.add_argument(
-        "--spot-spacing-um",
+        "--spot-spacing-um", type=float, default=None, help="array pitch in um (default: the technology's)"
+    )
+    parser.add_argument(
+        "--pitch-tolerance",
         type=float,
-        default=VISIUM_PITCH_UM,
-        help="array spacing checked against the pixel size (0: skip)",
+        default=PITCH_TOLERANCE,
+        help="refuse a pixel size this share away from the one fitted to the spot array (0: skip the check)",
+    )
+    parser.add_argument(
+        "--split-by",
+        default="patient",
+        choices=("patient", "sample"),
+        help="'sample' allows one patient's sections in several splits (serial sections), recorded in dataset.json",
+    )
+    parser.add_argument(
+        "--min-spot-fraction",
+        type=float,
+        default=0.0,
+        help="select only genes detected in at least this share of training spots (e.g. 0.1 on shallow data)",
+    )
+    parser.add_argument("--include-genes", nargs="*", default=None, help="genes added to the selected panel")
+    parser.add_argument(
+        "--slide-cache-dir", default=None, help="where plain images are converted (default: <output-dir>_slides)"
     )
     parser.add_argument(
         "--max-background-share",
@@ -62,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         spot_spacing_um=args.spot_spacing_um or None,
         max_background_share=args.max_background_share,
         overwrite=args.overwrite,
+        pitch_tolerance=args.pitch_tolerance or None,
+        split_by=args.split_by,
+        include_genes=args.include_genes,
+        slide_cache_dir=args.slide_cache_dir,
+        min_spot_fraction=args.min_spot_fraction,
     )
     print(f"wrote {args.output_dir} ({summary['total_kept']} spots) in {time.perf_counter() - start:.1f} s")
     return 0

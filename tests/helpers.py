@@ -150,7 +150,7 @@ def tiny_architecture(num_neighbors: int = 6) -> dict:
 
 
 def write_manifest(path: Path, rows: list[dict]) -> Path:
-    columns = ["sample_id", "st_path", "slide_path", "mpp", "split", "patient", "metadata_path", "layer"]
+    columns = ["sample_id", "st_path", "slide_path", "mpp", "split", "patient", "metadata_path", "layer", "technology"]
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()

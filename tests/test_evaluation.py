@@ -190,6 +190,11 @@ def test_settings_and_patch_cache(tmp_path):
     )
     with pytest.raises(ValueError, match="probe_type must be"):
         S.ProbeSettings(kind="resnet")
+    with pytest.raises(ValueError, match="eval_split must be one of 'validation', 'test'.*got 'training'"):
+        S.DataSettings(".", FOV_UM, SIZE, 6, split="training")
+    assert S.DataSettings(".", FOV_UM, SIZE, 6).split == "validation" and S.ProbeSettings().top_genes == 50
+    with pytest.raises(ValueError, match="top_genes must be at least 1"):
+        S.ProbeSettings(top_genes=0)
     assert S.ProbeSettings().input_size(512) == 128 and S.ProbeSettings(image_size=48).input_size(512) == 48
     assert S.ProbeSettings().input_size(64) == 64
     assert S.EditSettings().edits == E.DEFAULT_EDITS and S.RealismSettings().require_inception
@@ -213,9 +218,14 @@ def test_settings_and_patch_cache(tmp_path):
     assert not cached and len(calls) == 3 and len(list(tmp_path.glob("*.npy"))) == 1
 
 
+NEXT_TO_REPORT = {"real_vs_generated.png", "per_gene.csv"}
+
+
 def _self_contained(text: str) -> None:
+    """Everything the page shows is inline; its only other references are links to the files written next to it."""
     references = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)""", text, flags=re.I)
-    assert references and all(ref.startswith("data:") for ref in references), references
+    assert references and all(ref.startswith("data:") or ref in NEXT_TO_REPORT for ref in references), references
+    assert not re.search(r"""src\s*=\s*["'](?!data:)""", text, flags=re.I)
     assert "http://" not in text and "<link" not in text.lower() and "<script" not in text.lower()
     assert "url(" not in text
 
@@ -256,6 +266,10 @@ def test_evaluate_oracle_vs_shuffled_reports(demo_dataset, spots, probe, tmp_pat
     for key in ("dataset_dir", "seed", "num_spots", "labels", "edits", "edits_dropped", "mlflow"):
         assert key in saved["settings"], key
     assert saved["settings"]["num_spots"] == n and saved["settings"]["edits_dropped"] == []
+    assert saved["settings"]["split"] == "validation" and saved["settings"]["split_sizes"]["validation"] == n
+    outputs = saved["outputs"]
+    assert Path(outputs["real_vs_generated"]).is_file() and Path(outputs["per_gene"]).is_file()
+    assert sum(map(len, outputs["real_vs_generated_spots"].values())) == outputs["real_vs_generated_rows"]
     assert set(saved["edits"]["edits"]) == {"immune*4", "hypoxia*0", "adipose*4"}
     for key in (
         "ceiling_r_mean",
@@ -299,6 +313,123 @@ def test_evaluate_oracle_vs_shuffled_reports(demo_dataset, spots, probe, tmp_pat
     assert oracle.calls == calls and again["settings"]["generated_from_cache"]
     assert again["fidelity"]["fidelity_r_mean"] == pytest.approx(good["fidelity"]["fidelity_r_mean"])
     assert again["edits"]["overall_fraction"] == good["edits"]["overall_fraction"]
+
+
+@pytest.fixture(scope="module")
+def test_split_dataset(demo_dataset, tmp_path_factory) -> Path:
+    """A copy of the demo dataset whose validation spots are its test spots (validation list empty)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("test_split") / "demo"
+    shutil.copytree(demo_dataset, folder)
+    datalist = json.loads((folder / "datalist.json").read_text())
+    datalist["test"], datalist["validation"] = datalist["validation"], []
+    (folder / "datalist.json").write_text(json.dumps(datalist))
+    return folder
+
+
+def test_empty_split_is_refused(demo_dataset, spots, tmp_path, empty_hub):
+    oracle = Oracle(spots["expression"], spots["real"])
+    with pytest.raises(
+        ValueError, match=r"has no 'test' spots \(its datalist.json holds training \d+, validation \d+, test 0\)"
+    ) as info:
+        E.evaluate(
+            oracle,
+            S.DataSettings(demo_dataset, FOV_UM, SIZE, 6, split="test"),
+            S.OutputSettings(tmp_path / "eval"),
+            realism=S.RealismSettings(require_inception=False),
+        )
+    assert str(demo_dataset) in str(info.value) and oracle.calls == 0
+
+
+def _check_top_genes(fidelity: dict, num: int) -> None:
+    """Per-gene lists cover the panel, means are means of the per-gene r where defined, top sets are the top ones."""
+    genes = fidelity["genes"]
+    ceiling = np.array([np.nan if v is None else v for v in fidelity["ceiling_r"]])
+    generated = np.array([np.nan if v is None else v for v in fidelity["fidelity_r"]])
+    assert len(ceiling) == len(generated) == len(fidelity["expression_sd"]) == len(genes)
+    assert fidelity["ceiling_r_mean"] == pytest.approx(np.nanmean(ceiling))
+    assert fidelity["fidelity_r_mean"] == pytest.approx(np.nanmean(generated))
+    top = fidelity["top_genes"]
+    assert top["num"] == num
+    ranked = {"top_ceiling": -np.nan_to_num(ceiling, nan=-2.0), "top_hvg": -np.asarray(fidelity["expression_sd"])}
+    for key, order in ranked.items():
+        index = [genes.index(g) for g in top[key]["genes"]]
+        assert len(index) == num and set(index) == set(np.argsort(order, kind="stable")[:num].tolist()), key
+        assert top[key]["ceiling_r_mean"] == pytest.approx(np.nanmean(ceiling[index]))
+        assert top[key]["fidelity_r_mean"] == pytest.approx(np.nanmean(generated[index]))
+
+
+def _check_figure(path: Path, outputs: dict, labels: list[str], per_label: int, size: int) -> None:
+    """The PNG has one row per chosen spot, groups of rows per label, a real and a generated column."""
+    from PIL import Image
+
+    groups = E.figure_spots(labels, per_label, seed=0)
+    rows = sum(len(index) for _, index, _ in groups)
+    assert outputs["real_vs_generated_rows"] == rows and len(outputs["real_vs_generated_spots"]) == len(groups)
+    gap, header = 2, 14  # bundle.sampling.grids.save_image_grid: 2-px gaps, twice between groups, a column-label row
+    image = Image.open(path)
+    assert image.height == header + rows * (size + gap) - gap + (len(groups) - 1) * gap
+    assert (image.width - 2 * size - gap) > 0  # a left margin holds the labels
+
+
+def test_figure_spot_choice_and_refused_inputs(tmp_path):
+    from bundle.sampling.grids import save_image_grid
+
+    labels = ["cluster_10", "cluster_2", "cluster_2", "cluster_2", "cluster_10", "cluster_1"]
+    groups = E.figure_spots(labels, 2, seed=0)
+    assert [g[0] for g in groups] == ["cluster_1", "cluster_2", "cluster_10"]  # natural order of the names
+    assert [(len(index), count) for _, index, count in groups] == [(1, 1), (2, 3), (2, 2)]
+    assert groups == E.figure_spots(labels, 2, seed=0) and all(index == sorted(index) for _, index, _ in groups)
+    real = np.zeros((6, 3, 8, 8), np.uint8)
+    with pytest.raises(ValueError, match="differ in shape"):
+        E.write_real_vs_generated(tmp_path / "f.png", real, real[:, :, :4, :4], labels)
+    with pytest.raises(ValueError, match=r"group sizes \[2, 2\] must be positive and add up to the 3 rows"):
+        save_image_grid([torch.zeros(2, 3, 4, 4)] * 3, tmp_path / "g.png", rows_per_group=[2, 2])
+
+
+def test_evaluate_test_split_gene_sets_and_figure(test_split_dataset, spots, probe, tmp_path, empty_hub):
+    """One run on the test split: split recorded, edits resolved through the given gene sets, per-gene table, top-gene
+    summaries, the figure of real and generated patches grouped by label."""
+    genes = spots["genes"]
+    oracle = Oracle(spots["expression"], spots["real"])
+    own_sets = {"myset": [genes[3], genes[7], "NOT_A_GENE"], "immune": [genes[5]]}
+    metrics = E.evaluate(
+        oracle,
+        S.DataSettings(test_split_dataset, FOV_UM, SIZE, 6, num_spots=24, split="test"),
+        S.OutputSettings(tmp_path / "eval", figure_spots_per_label=2),
+        probe=S.ProbeSettings(trained=probe, top_genes=10),
+        realism=S.RealismSettings(require_inception=False),
+        edits=S.EditSettings(["myset*4", "immune*4"], num_spots=4, gene_sets=own_sets),
+    )
+    settings = metrics["settings"]
+    assert settings["split"] == "test" and settings["num_spots"] == 24
+    assert settings["split_sizes"] == {
+        "training": len(spots["train_labels"]),
+        "validation": 0,
+        "test": len(spots["val"]),
+    }
+    test_ids = {f"{e['sample']}/{e['barcode']}" for e in spots["val"]}
+    for ids in metrics["outputs"]["real_vs_generated_spots"].values():
+        assert set(ids) <= test_ids
+    # the edits edit the genes of the given sets, not the built-in programmes
+    edits = metrics["edits"]["edits"]
+    assert edits["myset*4"]["genes"] == [genes[3], genes[7]] and edits["myset*4"]["gene_set"] == "myset"
+    assert edits["myset*4"]["set_genes_not_in_panel"] == ["NOT_A_GENE"] and edits["immune*4"]["genes"] == [genes[5]]
+    # per-gene results and the top-gene summaries
+    _check_top_genes(metrics["fidelity"], 10)
+    for key in ("ceiling_r_mean_top_ceiling", "fidelity_r_mean_top_ceiling", "fidelity_r_mean_top_hvg"):
+        assert key in metrics["summary"], key
+    table = (tmp_path / "eval" / "per_gene.csv").read_text().splitlines()
+    assert table[0].startswith("gene,ceiling_r,fidelity_r") and len(table) == 1 + len(genes)
+    shown = [float(line.split(",")[1]) for line in table[1:] if line.split(",")[1]]
+    assert shown == sorted(shown, reverse=True)
+    # the figure, linked from the report
+    labels = [spots["val_labels"][i] for i in np.sort(np.random.default_rng(0).choice(len(spots["val"]), 24, False))]
+    _check_figure(tmp_path / "eval" / "real_vs_generated.png", metrics["outputs"], labels, 2, SIZE)
+    report = (tmp_path / "eval" / "report.html").read_text()
+    _self_contained(report)
+    assert "href='real_vs_generated.png'" in report and "24 test spots" in report
 
 
 def test_encoder_probe_and_encoder_fid(demo_dataset, spots, tmp_path, empty_hub):
@@ -413,7 +544,7 @@ def run_evaluate(tiny_model: Path, dataset: Path, output_dir: Path, **override):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Matrix is singular")  # FID of 8 patches in 2048 dimensions
-def test_config_end_to_end(tiny_model, demo_dataset, tmp_path, empty_hub, fid_weights):
+def test_config_end_to_end(tiny_model, demo_dataset, test_split_dataset, tmp_path, empty_hub, fid_weights):
     # missing Inception weights stop the run before anything is read or generated (MONAI wraps the error of a
     # config expression in a RuntimeError "from" it; the FileNotFoundError with the instructions is its cause)
     with pytest.raises(Exception) as info:
@@ -425,8 +556,16 @@ def test_config_end_to_end(tiny_model, demo_dataset, tmp_path, empty_hub, fid_we
     assert "inception_weights" in str(error)
     assert not (tmp_path / "strict" / "eval").exists()
 
-    # offline: realism with Inception skipped, everything else computed
-    metrics = run_evaluate(tiny_model, demo_dataset, tmp_path / "offline", require_inception=False)
+    # offline: realism with Inception skipped, everything else computed; "immune" read from a gene-set file
+    genes = json.loads((demo_dataset / "gene_panel.json").read_text())["genes"]
+    sets_file = tmp_path / "sets.json"
+    sets_file.write_text(json.dumps({"immune": [genes[2], genes[9]]}))
+    metrics = run_evaluate(
+        tiny_model, demo_dataset, tmp_path / "offline", require_inception=False, gene_sets_file=str(sets_file)
+    )
+    assert metrics["edits"]["edits"]["immune*4"]["genes"] == [genes[2], genes[9]]
+    assert metrics["settings"]["gene_sets_file"] == str(sets_file) and metrics["settings"]["split"] == "validation"
+    assert Path(metrics["outputs"]["real_vs_generated"]).is_file()
     assert "not computed" in metrics["realism"]["inception"]["skipped"]
     assert metrics["settings"]["num_spots"] == 24 and metrics["settings"]["iteration"] == 3
     assert metrics["settings"]["num_inference_steps"] == 2 and metrics["settings"]["model_path"].endswith("model.pt")
@@ -439,8 +578,9 @@ def test_config_end_to_end(tiny_model, demo_dataset, tmp_path, empty_hub, fid_we
     # takes about half a second per patch and each 2048-d FID about 20-40 s on two busy CPU cores
     metrics = run_evaluate(
         tiny_model,
-        demo_dataset,
+        test_split_dataset,
         tmp_path / "offline",
+        eval_split="test",
         require_inception=True,
         inception_weights=str(fid_weights),
         num_eval_spots=8,
@@ -449,6 +589,7 @@ def test_config_end_to_end(tiny_model, demo_dataset, tmp_path, empty_hub, fid_we
     )
     inception = metrics["realism"]["inception"]
     assert inception["fid"] > 0 and inception["n_real"] == inception["n_fake"] == 8
+    assert metrics["settings"]["split"] == "test" and metrics["settings"]["split_sizes"]["validation"] == 0
     assert metrics["summary"]["fid"] == pytest.approx(inception["fid"])
     assert inception["per_group"] == {} and set(inception["skipped_groups"]) == set(
         metrics["compartments"]["per_class"]

@@ -12,7 +12,7 @@ import numpy as np
 
 from bundle.demo.files import csv_text, write_text
 from bundle.demo.slide import SimulatedSlide
-from bundle.geometry import VISIUM_SPOT_DIAMETER_UM
+from bundle.geometry import SPACERANGER_DIAMETER_FULLRES_UM
 from bundle.utils import write_atomic
 
 _FIDUCIAL_DIAMETER_UM = 89.4  # Space Ranger reports fiducials ~1.625x the spot diameter
@@ -62,7 +62,7 @@ def write_spaceranger_outputs(slide: SimulatedSlide, spaceranger_dir: str | os.P
         )
         scales[name] = scale
     scalefactors = {
-        "spot_diameter_fullres": VISIUM_SPOT_DIAMETER_UM / slide.mpp,
+        "spot_diameter_fullres": SPACERANGER_DIAMETER_FULLRES_UM / slide.mpp,
         "fiducial_diameter_fullres": _FIDUCIAL_DIAMETER_UM / slide.mpp,
         "tissue_hires_scalef": scales["hires"],
         "tissue_lowres_scalef": scales["lowres"],

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bundle.evaluation.probe import Probe
 
-__all__ = ["pearson_per_column", "probe_scores"]
+__all__ = ["pearson_per_column", "top_gene_summary", "probe_scores", "write_per_gene_table"]
 
 
 def pearson_per_column(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -35,6 +40,52 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return float(a / b) if a is not None and b is not None and abs(b) > 1e-12 else None
 
 
+def _gene_group(
+    index: np.ndarray, genes: list[str], ceiling: np.ndarray, fidelity: np.ndarray, by: str
+) -> dict[str, Any]:
+    """Mean ceiling and fidelity r (where defined) over the genes ``index``, the genes, and how they were chosen."""
+    mean_ceiling, mean_fidelity = _nanmean(ceiling[index]), _nanmean(fidelity[index])
+    return {
+        "chosen_by": by,
+        "genes": [genes[i] for i in index],
+        "num_genes": int(len(index)),
+        "num_defined": int(np.sum(np.isfinite(ceiling[index]) & np.isfinite(fidelity[index]))),
+        "ceiling_r_mean": mean_ceiling,
+        "fidelity_r_mean": mean_fidelity,
+        "fidelity_fraction": _ratio(mean_fidelity, mean_ceiling),
+    }
+
+
+def top_gene_summary(
+    genes: list[str], ceiling: np.ndarray, fidelity: np.ndarray, expression: np.ndarray, num: int = 50
+) -> dict[str, Any]:
+    """Mean ceiling and fidelity r over two sets of ``num`` genes, as published spatial-transcriptomics results report.
+
+    ``top_ceiling``: the ``num`` genes with the highest ceiling r (genes without one are never chosen); their mean
+    ceiling r is optimistic (chosen by it), their mean fidelity r less so. ``top_hvg``: the ``num`` genes with the
+    largest variance of log-normalised expression over the evaluated spots, chosen without looking at any r. Ties keep
+    panel order.
+
+    Args:
+        genes: panel, in the order of the other arrays.
+        ceiling: ``(G,)`` per-gene ceiling r (NaN where undefined).
+        fidelity: ``(G,)`` per-gene fidelity r.
+        expression: ``(N, G)`` log-normalised expression of the evaluated spots.
+        num: genes in each set (capped at the panel size).
+    """
+    ceiling, fidelity = np.asarray(ceiling, np.float64), np.asarray(fidelity, np.float64)
+    defined = np.flatnonzero(np.isfinite(ceiling))
+    by_ceiling = defined[np.argsort(-ceiling[defined], kind="stable")][:num]
+    by_variance = np.argsort(-np.var(np.asarray(expression, np.float64), axis=0), kind="stable")[:num]
+    return {
+        "num": int(num),
+        "top_ceiling": _gene_group(by_ceiling, genes, ceiling, fidelity, "highest ceiling r"),
+        "top_hvg": _gene_group(
+            by_variance, genes, ceiling, fidelity, "largest expression variance of the evaluated spots"
+        ),
+    }
+
+
 def probe_scores(
     probe: Probe,
     real_images: np.ndarray,
@@ -44,6 +95,7 @@ def probe_scores(
     num_permutations: int = 200,
     seed: int = 0,
     predictions: tuple[np.ndarray, np.ndarray] | None = None,
+    top_genes: int = 50,
 ) -> dict[str, Any]:
     """Per-gene Pearson r of the probe on real (ceiling) and generated (fidelity) patches of the evaluated spots.
 
@@ -56,10 +108,13 @@ def probe_scores(
         num_permutations: permutations of the spot order for the p-value of the mean fidelity r.
         seed: seed of the permutations.
         predictions: the probe's expression predictions on (real, generated) when already computed.
+        top_genes: genes in each set of :func:`top_gene_summary`.
 
     Returns:
-        per-gene r lists (panel order) and the summaries ``ceiling_r_mean``, ``fidelity_r_mean``,
-        ``fidelity_fraction`` (= fidelity / ceiling) and the same over genes with ceiling r > ``threshold``.
+        per-gene lists in panel order (``genes``, ``ceiling_r``, ``fidelity_r``, ``expression_mean`` and
+        ``expression_sd`` of the evaluated spots), the summaries ``ceiling_r_mean``, ``fidelity_r_mean``,
+        ``fidelity_fraction`` (= fidelity / ceiling), the same over genes with ceiling r > ``threshold``, and
+        ``top_genes`` (:func:`top_gene_summary`). Means are over the genes where r is defined (None in the lists).
     """
     if predictions is None:
         pred_real, _ = probe.predict(real_images)
@@ -79,6 +134,8 @@ def probe_scores(
         "genes": list(probe.genes),
         "ceiling_r": [None if not np.isfinite(v) else float(v) for v in ceiling],
         "fidelity_r": [None if not np.isfinite(v) else float(v) for v in fidelity],
+        "expression_mean": np.asarray(expression, np.float64).mean(axis=0).tolist(),
+        "expression_sd": np.asarray(expression, np.float64).std(axis=0).tolist(),
         "ceiling_r_mean": _nanmean(ceiling),
         "fidelity_r_mean": mean_fid,
         "threshold": float(threshold),
@@ -90,4 +147,53 @@ def probe_scores(
     }
     out["fidelity_fraction"] = _ratio(out["fidelity_r_mean"], out["ceiling_r_mean"])
     out["fidelity_fraction_readable"] = _ratio(out["fidelity_r_mean_readable"], out["ceiling_r_mean_readable"])
+    out["top_genes"] = top_gene_summary(list(probe.genes), ceiling, fidelity, expression, int(top_genes))
     return out
+
+
+PER_GENE_COLUMNS = (
+    "gene",
+    "ceiling_r",
+    "fidelity_r",
+    "expression_mean",
+    "expression_sd",
+    "readable",
+    "top_ceiling",
+    "top_hvg",
+)
+"""Columns of ``per_gene.csv``."""
+
+
+def write_per_gene_table(path: str | os.PathLike, fidelity: Mapping[str, Any]) -> Path:
+    """Write the per-gene results of :func:`probe_scores` as a CSV, one row per panel gene, highest ceiling r first.
+
+    Columns (:data:`PER_GENE_COLUMNS`): the gene, its ceiling and fidelity r (empty where undefined), the mean and sd
+    of its log-normalised expression over the evaluated spots, and whether it is readable (ceiling r above the
+    threshold), among the top genes by ceiling r and among the most variable genes (1 or 0).
+    """
+    from bundle.utils import write_atomic
+
+    top = fidelity.get("top_genes", {})
+    chosen = {key: set(top.get(key, {}).get("genes", [])) for key in ("top_ceiling", "top_hvg")}
+    threshold = float(fidelity.get("threshold", 0.3))
+    rows = []
+    for i, gene in enumerate(fidelity["genes"]):
+        ceiling = fidelity["ceiling_r"][i]
+        rows.append(
+            {
+                "gene": gene,
+                "ceiling_r": "" if ceiling is None else f"{ceiling:.4f}",
+                "fidelity_r": "" if fidelity["fidelity_r"][i] is None else f"{fidelity['fidelity_r'][i]:.4f}",
+                "expression_mean": f"{fidelity['expression_mean'][i]:.4f}",
+                "expression_sd": f"{fidelity['expression_sd'][i]:.4f}",
+                "readable": int(ceiling is not None and ceiling > threshold),
+                "top_ceiling": int(gene in chosen["top_ceiling"]),
+                "top_hvg": int(gene in chosen["top_hvg"]),
+            }
+        )
+    rows.sort(key=lambda row: -float(row["ceiling_r"]) if row["ceiling_r"] else float("inf"))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=PER_GENE_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text.getvalue(), encoding="utf-8"))

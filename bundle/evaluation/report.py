@@ -41,6 +41,10 @@ def summary_numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
         "fidelity_p_value",
     ):
         out[key] = fid.get(key)
+    for group in ("top_ceiling", "top_hvg"):
+        chosen = fid.get("top_genes", {}).get(group, {})
+        out[f"ceiling_r_mean_{group}"] = chosen.get("ceiling_r_mean")
+        out[f"fidelity_r_mean_{group}"] = chosen.get("fidelity_r_mean")
     comp = metrics.get("compartments", {})
     out["compartment_real_accuracy"] = comp.get("real_accuracy")
     out["compartment_generated_agreement"] = comp.get("generated_agreement")
@@ -59,10 +63,10 @@ def summary_numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 _DESCRIPTIONS = {
-    "fid": "Fréchet Inception distance, real vs generated validation patches (lower is better; 0 = same distribution)",
+    "fid": "Fréchet Inception distance, real vs generated patches (lower is better; 0 = same distribution)",
     "kid_mean": "kernel Inception distance (unbiased; about 0 when the two sets are alike)",
     "kid_std": "standard deviation of KID over subsets",
-    "ceiling_r_mean": "probe's mean per-gene Pearson r on REAL validation patches: what the images can tell",
+    "ceiling_r_mean": "probe's mean per-gene Pearson r on REAL patches of the evaluated spots: what images can tell",
     "fidelity_r_mean": "same probe on GENERATED patches, against the expression that conditioned them",
     "fidelity_fraction": "fidelity r / ceiling r (1 = generated tissue carries as much expression signal as real)",
     "ceiling_r_mean_readable": "ceiling r over the genes the probe can read (ceiling r above the threshold)",
@@ -70,12 +74,16 @@ _DESCRIPTIONS = {
     "fidelity_fraction_readable": "fidelity / ceiling over those genes",
     "num_readable_genes": "genes with ceiling r above the threshold",
     "fidelity_p_value": "permutation p-value of the mean fidelity r (spots shuffled)",
-    "compartment_real_accuracy": "classifier accuracy on real validation patches (ceiling)",
+    "ceiling_r_mean_top_ceiling": "mean ceiling r over the top-N genes by ceiling r (optimistic: chosen by it)",
+    "fidelity_r_mean_top_ceiling": "mean fidelity r over the same top-N genes by ceiling r",
+    "ceiling_r_mean_top_hvg": "mean ceiling r over the N most variable genes of the evaluated spots",
+    "fidelity_r_mean_top_hvg": "mean fidelity r over the N most variable genes of the evaluated spots",
+    "compartment_real_accuracy": "classifier accuracy on real patches of the evaluated spots (ceiling)",
     "compartment_generated_agreement": "generated patches labelled as the conditioning spot's compartment",
     "compartment_chance": "frequency of the most common label (always guessing it)",
     "edit_directionality": "edits whose probe reading moved the right way, all edits pooled (chance 0.5)",
     "edit_p_value": "one-sided sign test of the pooled directionality against 0.5",
-    "num_spots": "validation spots evaluated",
+    "num_spots": "spots evaluated (of the split in the header)",
 }
 
 
@@ -201,7 +209,7 @@ def _header_section(settings: Mapping[str, Any]) -> list[str]:
         f"<style>{_CSS}</style></head><body>",
         "<h1>Expression-to-tissue evaluation</h1>",
         f"<p class='note'>{st('created')} &middot; model {st('model_path')} (iteration {st('iteration')}) &middot; "
-        f"dataset {st('dataset_dir')} &middot; {st('num_spots')} validation spots &middot; "
+        f"dataset {st('dataset_dir')} &middot; {st('num_spots')} {st('split')} spots &middot; "
         f"{st('num_inference_steps')} steps, guidance {st('guidance_scale')}, seed {st('seed')}</p>",
     ]
 
@@ -261,15 +269,52 @@ def _fidelity_section(fidelity: Mapping[str, Any], probe: Mapping[str, Any]) -> 
     out = [
         "<h2>Biological fidelity: per-gene probe r</h2>",
         f"<p class='note'>Probe: {esc(str(probe.get('kind', '')))} trained on {esc(str(probe.get('train_spots', '')))} "
-        "real training patches. Grey: Pearson r on real validation patches (ceiling); magenta: on generated patches "
-        f"against the conditioning expression. Mean ceiling {_fmt(fidelity.get('ceiling_r_mean'))}, mean fidelity "
+        "real training patches. Grey: Pearson r on real patches of the evaluated spots (ceiling); magenta: on generated "
+        f"patches against the conditioning expression. Mean ceiling {_fmt(fidelity.get('ceiling_r_mean'))}, mean fidelity "
         f"{_fmt(fidelity.get('fidelity_r_mean'))} ({_fmt(fidelity.get('fidelity_fraction'))} of the ceiling); over the "
         f"{fidelity.get('num_readable_genes', 0)} genes with ceiling r &gt; {_fmt(fidelity.get('threshold'), 2)}: "
         f"{_fmt(fidelity.get('fidelity_fraction_readable'))} of the ceiling.</p>",
     ]
+    out.extend(_top_genes_table(fidelity.get("top_genes") or {}))
     if fidelity.get("genes"):
         out.append(_gene_bars_svg(fidelity["genes"], fidelity["ceiling_r"], fidelity["fidelity_r"]))
     return out
+
+
+def _top_genes_table(top: Mapping[str, Any]) -> list[str]:
+    """Mean ceiling and fidelity r over the top-N genes by ceiling r and over the N most variable genes."""
+    if not top:
+        return []
+    out = [
+        f"<table><caption>Top {_fmt(top.get('num'))} genes</caption><tr><th>group</th><th>chosen by</th>"
+        "<th>n</th><th>mean ceiling r</th><th>mean fidelity r</th><th>fidelity / ceiling</th></tr>"
+    ]
+    for key, name in (("top_ceiling", "top by ceiling r"), ("top_hvg", "most variable")):
+        group = top.get(key) or {}
+        out.append(
+            f"<tr><td>{name}</td><td>{html.escape(str(group.get('chosen_by', '')))}</td>{_td(group.get('num_genes'))}"
+            f"{_td(group.get('ceiling_r_mean'))}{_td(group.get('fidelity_r_mean'))}"
+            f"{_td(group.get('fidelity_fraction'))}</tr>"
+        )
+    out.append("</table>")
+    return out
+
+
+def _files_section(outputs: Mapping[str, Any]) -> list[str]:
+    """Links to the figure and the per-gene table written next to the report (relative links; nothing is loaded)."""
+    items = []
+    if outputs.get("real_vs_generated"):
+        name = html.escape(Path(outputs["real_vs_generated"]).name)
+        items.append(
+            f"<li><a href='{name}'>{name}</a>: real | generated patches of {_fmt(outputs.get('real_vs_generated_rows'))} "
+            "spots, a few per label, grouped by label</li>"
+        )
+    if outputs.get("per_gene"):
+        name = html.escape(Path(outputs["per_gene"]).name)
+        items.append(
+            f"<li><a href='{name}'>{name}</a>: ceiling and fidelity r of every gene, highest ceiling first</li>"
+        )
+    return ["<h2>Files next to this report</h2><ul>", *items, "</ul>"] if items else []
 
 
 def _compartments_section(compartments: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str]:
@@ -334,7 +379,7 @@ def _patches_section(
     shown = spread_over_labels(labels, num_spots)
     out = [
         f"<h2>Real (left) and generated (right) patches, {len(shown)} spots</h2>"
-        "<p class='note'>Taken in turn from each label, in validation-list order.</p><div class='spots'>"
+        "<p class='note'>Taken in turn from each label, in the order of the split's list.</p><div class='spots'>"
     ]
     for i in shown:
         cap = dict(spot_captions[i]) if spot_captions is not None else {}
@@ -368,6 +413,9 @@ def write_report(
 ) -> Path:
     """Write the self-contained HTML report (inline CSS, SVG and base64 PNGs; no external resource), atomically.
 
+    It ends with plain links to the files of ``metrics["outputs"]`` written next to it (``real_vs_generated.png``,
+    ``per_gene.csv``); the page loads neither.
+
     Args:
         path: destination, e.g. ``outputs/eval/report.html``.
         metrics: the dictionary written to ``metrics.json``.
@@ -385,6 +433,7 @@ def write_report(
         *_compartments_section(metrics.get("compartments", {}), settings),
         *_edits_section(metrics.get("edits", {}), settings),
         *_patches_section(real_images, generated_images, spot_captions, num_spots),
+        *_files_section(metrics.get("outputs", {})),
         *_settings_section(settings),
     ]
     path = Path(path)

@@ -1,9 +1,10 @@
 """The evaluation run: :func:`evaluate` and its named steps, from loading the spots to the report and the MLflow run.
 
-For every validation spot (or a seeded subset of them) :func:`evaluate` generates a patch from the spot's expression
-(seed ``seed + index of the spot in the validation list``), loads the real patch of the spot, then scores realism,
-biological fidelity, compartment agreement and edit directionality, and writes ``metrics.json``, ``report.html`` and
-an MLflow run. Its settings come grouped (:mod:`bundle.evaluation.settings`).
+For every spot of the scored split (``validation`` or ``test``; or a seeded subset of them) :func:`evaluate` generates
+a patch from the spot's expression (seed ``seed + index of the spot in the split's list``), loads the real patch of the
+spot, then scores realism, biological fidelity, compartment agreement and edit directionality, and writes
+``metrics.json``, ``report.html``, ``per_gene.csv``, ``real_vs_generated.png`` and an MLflow run. Its settings come
+grouped (:mod:`bundle.evaluation.settings`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 
 from bundle.evaluation.compartments import compartment_agreement
 from bundle.evaluation.edits import edit_directionality, usable_edits
-from bundle.evaluation.fidelity import probe_scores
+from bundle.evaluation.fidelity import probe_scores, write_per_gene_table
+from bundle.evaluation.figure import write_real_vs_generated
 from bundle.evaluation.generation import Generator, cached_array, generate_patches, generated_size, key_hash
 from bundle.evaluation.image_realism import RealismExtractors, load_realism_extractors, realism
 from bundle.evaluation.labels import spot_labels
@@ -35,7 +37,7 @@ from bundle.evaluation.settings import (
     ProbeSettings,
     RealismSettings,
 )
-from bundle.evaluation.spots import load_conditions, load_real_patches, select_spots
+from bundle.evaluation.spots import load_conditions, load_real_patches, select_spots, split_sizes
 from bundle.evaluation.tracking import log_evaluation
 from bundle.utils import jsonable, read_json, write_json_atomic
 
@@ -50,9 +52,10 @@ class EvaluationSpots:
 
     Attributes:
         dataset_dir: the dataset folder.
+        split: the datalist split the evaluated spots come from (``validation`` or ``test``).
         genes: the dataset's gene panel.
-        entries: datalist entries of the evaluated (validation) spots.
-        seeds: generation seed of each evaluated spot (``seed`` + its index in the validation list).
+        entries: datalist entries of the evaluated spots.
+        seeds: generation seed of each evaluated spot (``seed`` + its index in the split's list).
         spot_ids: ``<sample>/<barcode>`` of each evaluated spot.
         conditions: ``(N, 1 + K, G)`` conditions of the evaluated spots.
         expression: ``(N, G)`` their own expression.
@@ -65,6 +68,7 @@ class EvaluationSpots:
     """
 
     dataset_dir: Path
+    split: str
     genes: list[str]
     entries: list[dict[str, Any]]
     seeds: list[int]
@@ -139,7 +143,7 @@ def _check_inputs(generator: Generator, data: DataSettings) -> list[str]:
 def _load_spots(data: DataSettings, probe_settings: ProbeSettings, genes: list[str], seed: int) -> EvaluationSpots:
     """Choose the evaluated and the probe's training spots and read their conditions, labels and real patches."""
     dataset_dir = Path(data.dataset_dir)
-    eval_entries, eval_index = select_spots(dataset_dir, "validation", data.num_spots, seed)
+    eval_entries, eval_index = select_spots(dataset_dir, data.split, data.num_spots, seed)
     train_entries, _ = select_spots(dataset_dir, "training", probe_settings.max_train_spots, seed)
     store = dataset_dir / "expression.npy"
     conditions, expression = load_conditions(eval_entries, store, data.num_neighbors)
@@ -155,10 +159,11 @@ def _load_spots(data: DataSettings, probe_settings: ProbeSettings, genes: list[s
             train_entries, data.patch_fov_um, data.patch_size, data.wsi_backend, output_size=probe_size
         )
     logger.info(
-        "evaluating %d validation spots (%d training spots for the probe)", len(eval_entries), len(train_entries)
+        "evaluating %d %s spots (%d training spots for the probe)", len(eval_entries), data.split, len(train_entries)
     )
     return EvaluationSpots(
         dataset_dir=dataset_dir,
+        split=data.split,
         genes=genes,
         entries=eval_entries,
         seeds=[int(seed) + int(i) for i in eval_index],
@@ -195,13 +200,13 @@ def _patch_cache(
     return cache
 
 
-def _generate_validation(
+def _generate_evaluated(
     generator: Generator, spots: EvaluationSpots, generation: GenerationSettings, cache: Callable
 ) -> tuple[np.ndarray, bool]:
     """The generated patches of the evaluated spots (from the cache when there) and whether they came from it."""
     generated, cached = cache(
-        "validation",
-        {"what": "validation"},
+        spots.split,
+        {"what": spots.split},
         lambda: generate_patches(generator, spots.conditions, spots.seeds, generation.batch_size),
     )
     if generated.shape != spots.real.shape:
@@ -226,7 +231,7 @@ def _score_realism(
     reference = {
         "dataset": spots.dataset_dir,
         "spot_ids": spots.spot_ids,
-        "split": "validation",
+        "split": spots.split,
         "datalist_mtime_ns": (spots.dataset_dir / "datalist.json").stat().st_mtime_ns,
         "fov_um": float(data.patch_fov_um),
     }
@@ -276,13 +281,20 @@ def _fit_probe(
 
 
 def _score_probe(
-    probe: Probe, spots: EvaluationSpots, generated: np.ndarray, ceiling_threshold: float, seed: int
+    probe: Probe, spots: EvaluationSpots, generated: np.ndarray, settings: ProbeSettings, seed: int
 ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
     """Fidelity, compartment agreement, and per spot the caption of the report (labels given by the probe)."""
     pred_real, label_real = probe.predict(spots.real)
     pred_gen, label_gen = probe.predict(generated)
     fidelity = probe_scores(
-        probe, spots.real, generated, spots.expression, ceiling_threshold, seed=seed, predictions=(pred_real, pred_gen)
+        probe,
+        spots.real,
+        generated,
+        spots.expression,
+        settings.ceiling_threshold,
+        seed=seed,
+        predictions=(pred_real, pred_gen),
+        top_genes=settings.top_genes,
     )
     compartments = (
         compartment_agreement(probe.classes, spots.labels, label_real, label_gen) if label_real is not None else {}
@@ -313,8 +325,10 @@ def _score_edits(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Directionality of the edits that touch the panel on a seeded choice of the spots, and what was scored
     (``num_edit_spots``, ``edits``, ``edits_dropped`` for the settings record)."""
+    from bundle.sampling.edits import parse_edit, resolve_edit
+
     edits = list(settings.edits or [])
-    kept = usable_edits(edits, spots.genes) if edits else []
+    kept = usable_edits(edits, spots.genes, settings.gene_sets) if edits else []
     scored = {
         "num_edit_spots": int(min(settings.num_spots or 0, len(spots.entries))) if kept else 0,
         "edits": kept,
@@ -323,9 +337,12 @@ def _score_edits(
     if not (kept and settings.num_spots):
         return scored, {}
     pick = np.sort(np.random.default_rng(seed + 1).permutation(len(spots.entries))[: int(settings.num_spots)])
+    # the edited genes belong to the cache key: one edit name means other genes with another gene-set file
+    edited = {e: [spots.genes[i] for i in resolve_edit(parse_edit(e), spots.genes, settings.gene_sets)] for e in kept}
 
     def edit_cache(name: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
-        return cache(f"edit_{name}", {"what": f"edit {name}", "pick": pick.tolist()}, compute)[0]
+        key = {"what": f"edit {name}", "pick": pick.tolist(), "edited_genes": edited.get(name)}
+        return cache(f"edit_{name}", key, compute)[0]
 
     result = edit_directionality(
         generator,
@@ -338,6 +355,7 @@ def _score_edits(
         generated[pick],
         batch_size,
         edit_cache,
+        settings.gene_sets,
     )
     return scored, result
 
@@ -362,8 +380,9 @@ def _settings_record(
         "num_inference_steps": getattr(generator, "num_inference_steps", None),
         "guidance_scale": getattr(generator, "guidance_scale", None),
         "seed": int(seed),
+        "split": spots.split,
         "num_spots": len(spots.entries),
-        "num_validation_spots": len(read_json(spots.dataset_dir / "datalist.json")["validation"]),
+        "split_sizes": split_sizes(read_json(spots.dataset_dir / "datalist.json")),
         **edits_scored,
         "patch_fov_um": float(data.patch_fov_um),
         "patch_size": int(data.patch_size),
@@ -374,14 +393,46 @@ def _settings_record(
     }
 
 
+def _write_tables_and_figure(
+    metrics: dict[str, Any], spots: EvaluationSpots, generated: np.ndarray, output: OutputSettings, seed: int
+) -> list[Path]:
+    """Write ``per_gene.csv`` and (unless ``figure_spots_per_label`` is 0) ``real_vs_generated.png``; record every
+    output file in ``metrics["outputs"]`` and return the two files written."""
+    output_dir = Path(output.output_dir)
+    written = [write_per_gene_table(output_dir / "per_gene.csv", metrics["fidelity"])]
+    outputs: dict[str, Any] = {
+        "metrics": str((output_dir / "metrics.json").resolve()),
+        "report": str((output_dir / "report.html").resolve()),
+        "per_gene": str(written[0].resolve()),
+        "real_vs_generated": None,
+    }
+    if int(output.figure_spots_per_label or 0) > 0:
+        figure = write_real_vs_generated(
+            output_dir / "real_vs_generated.png",
+            spots.real,
+            generated,
+            spots.labels,
+            output.figure_spots_per_label,
+            seed,
+        )
+        written.append(Path(figure["path"]))
+        outputs["real_vs_generated"] = str(Path(figure["path"]).resolve())
+        outputs["real_vs_generated_rows"] = figure["rows"]
+        outputs["real_vs_generated_spots"] = {k: [spots.spot_ids[i] for i in v] for k, v in figure["spots"].items()}
+    metrics["outputs"] = outputs
+    return written
+
+
 def _write_outputs(
     metrics: dict[str, Any],
     spots: EvaluationSpots,
     generated: np.ndarray,
     captions: list[dict[str, Any]],
     output: OutputSettings,
+    seed: int,
 ) -> None:
-    """Write ``metrics.json`` and ``report.html`` to the output folder and, with a tracking URI, the MLflow run."""
+    """Write ``metrics.json``, ``report.html``, ``per_gene.csv`` and ``real_vs_generated.png`` to the output folder
+    and, with a tracking URI, the MLflow run."""
     output_dir = Path(output.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = output_dir / "metrics.json"
@@ -393,11 +444,12 @@ def _write_outputs(
             "experiment": output.experiment_name,
             "run_name": run_name,
         }
+    extra_files = _write_tables_and_figure(metrics, spots, generated, output, seed)
     write_json_atomic(metrics_path, jsonable(metrics))
     write_report(report_path, metrics, spots.real, generated, captions, output.num_report_spots)
     if output.tracking_uri:
         run_id = log_evaluation(
-            metrics, output.tracking_uri, output.experiment_name, run_name, [metrics_path, report_path]
+            metrics, output.tracking_uri, output.experiment_name, run_name, [metrics_path, report_path, *extra_files]
         )
         metrics["settings"]["mlflow"]["run_id"] = run_id
         write_json_atomic(metrics_path, jsonable(metrics))
@@ -417,7 +469,8 @@ def evaluate(
     seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    """Evaluate ``generator`` on the dataset's validation spots; write ``metrics.json``, ``report.html``, an MLflow run.
+    """Evaluate ``generator`` on the spots of the dataset's ``data.split`` (validation or test); write ``metrics.json``,
+    ``report.html``, ``per_gene.csv``, ``real_vs_generated.png`` and an MLflow run.
 
     Missing Inception weights stop the run first (unless ``realism.require_inception`` is False), before patches are
     read or generated. See docs/evaluation.md for what is measured and how to read it.
@@ -446,7 +499,7 @@ def evaluate(
     laps("load_real_patches")
     output_dir = Path(output.output_dir)
     cache = _patch_cache(spots, generation, output_dir)
-    generated, cached = _generate_validation(generator, spots, generation, cache)
+    generated, cached = _generate_evaluated(generator, spots, generation, cache)
     laps("generate")
     realism_result = _score_realism(spots, generated, extractors, realism, data, output_dir, seed)
     laps("realism")
@@ -454,7 +507,7 @@ def evaluate(
         probe, spots, extractors, use_encoder_probe, realism.feature_batch_size, data.patch_size, seed, device
     )
     laps("train_probe")
-    fidelity, compartments, captions = _score_probe(trained, spots, generated, probe.ceiling_threshold, seed)
+    fidelity, compartments, captions = _score_probe(trained, spots, generated, probe, seed)
     laps("fidelity")
     edits_scored, edit_result = _score_edits(
         generator, trained, spots, generated, edits, generation.batch_size, cache, seed
@@ -463,6 +516,7 @@ def evaluate(
     run = {
         "probe_type": trained.kind,
         "ceiling_threshold": float(probe.ceiling_threshold),
+        "top_genes": probe.top_genes,
         "generated_from_cache": bool(cached),
         "inception_weights": extractors.inception_weights,
         "encoders": sorted(extractors.encoders),
@@ -480,5 +534,5 @@ def evaluate(
         "timings": laps.total(),
     }
     metrics["summary"] = summary_numbers(metrics)
-    _write_outputs(metrics, spots, generated, captions, output)
+    _write_outputs(metrics, spots, generated, captions, output, seed)
     return metrics

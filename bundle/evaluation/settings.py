@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "as_bool",
+    "EVAL_SPLITS",
     "DataSettings",
     "GenerationSettings",
     "ProbeSettings",
@@ -31,6 +32,8 @@ __all__ = [
 ]
 
 PROBE_KINDS = ("auto", "cnn", "encoder")
+EVAL_SPLITS = ("validation", "test")
+"""The datalist splits an evaluation may score (the probe always learns from ``"training"``)."""
 
 
 def as_bool(value: Any, name: str) -> bool:
@@ -60,9 +63,11 @@ class DataSettings:
         num_neighbors: neighbour spots in the condition (the checkpoint's ``num_neighbors``; 0 for none).
         genes: the model's gene panel; must equal the dataset's (checked). None: the dataset's panel.
         wsi_backend: slide reader (None: the best available).
-        num_spots: validation spots to evaluate (a seeded choice; None: all).
+        num_spots: spots of ``split`` to evaluate (a seeded choice; None: all).
         labels: ``"auto"``, ``"ground_truth"`` or ``"clusters"`` (see :func:`bundle.evaluation.labels.spot_labels`).
         num_clusters: clusters when labels come from expression.
+        split: the datalist split scored, ``"validation"`` or ``"test"`` (:data:`EVAL_SPLITS`; ``eval_split`` in
+            ``configs/evaluate.json``). The probe and the clusters are fitted on ``"training"`` either way.
     """
 
     dataset_dir: str | os.PathLike
@@ -74,11 +79,20 @@ class DataSettings:
     num_spots: int | None = None
     labels: str = "auto"
     num_clusters: int = 6
+    split: str = "validation"
+
+    def __post_init__(self) -> None:
+        if self.split not in EVAL_SPLITS:
+            allowed = ", ".join(repr(s) for s in EVAL_SPLITS)
+            raise ValueError(
+                f"eval_split must be one of {allowed} (the datalist.json split to score; the probe learns from "
+                f"'training'), got {self.split!r}."
+            )
 
 
 @dataclass
 class GenerationSettings:
-    """How the validation (and edited) patches are generated and cached.
+    """How the patches of the evaluated (and edited) spots are generated and cached.
 
     Attributes:
         batch_size: conditions per generator call.
@@ -109,6 +123,8 @@ class ProbeSettings:
         image_size: probe input size (None: the patch size, capped at 128 px).
         max_train_spots: training spots for the probe (seeded choice; None: all).
         ceiling_threshold: genes with ceiling r above it are summarised separately.
+        top_genes: N of the top-gene summaries: mean r over the N genes with the highest ceiling r and over the N most
+            variable genes of the evaluated spots (:func:`bundle.evaluation.fidelity.top_gene_summary`).
     """
 
     trained: Probe | None = None
@@ -120,10 +136,14 @@ class ProbeSettings:
     image_size: int | None = None
     max_train_spots: int | None = 4000
     ceiling_threshold: float = 0.3
+    top_genes: int = 50
 
     def __post_init__(self) -> None:
         if self.kind not in PROBE_KINDS:
             raise ValueError(f"probe_type must be 'auto', 'cnn' or 'encoder', got {self.kind!r}.")
+        if int(self.top_genes) < 1:
+            raise ValueError(f"top_genes must be at least 1 (genes in each top-gene summary), got {self.top_genes}.")
+        self.top_genes = int(self.top_genes)
 
     def input_size(self, patch_size: int) -> int:
         """Side of the patches the probe sees: ``image_size``, or the patch size capped at 128 px."""
@@ -166,10 +186,15 @@ class EditSettings:
     Attributes:
         edits: edits scored (``immune*4``, ``hypoxia*0``, ...; None or empty: skip).
         num_spots: spots per edit (a seeded choice among the evaluated spots).
+        gene_sets: the named gene sets the edits may use, ``{"name": ["GENE", ...]}``; None: the built-in sets
+            (:func:`bundle.sampling.edits.builtin_gene_sets`). ``configs/evaluate.json`` passes
+            ``bundle.sampling.generation.load_gene_sets(@gene_sets_file)``: the built-in sets plus, overriding them,
+            those of ``gene_sets_file``.
     """
 
     edits: Sequence[str] | None = DEFAULT_EDITS
     num_spots: int = 32
+    gene_sets: Mapping[str, Sequence[str]] | None = None
 
 
 @dataclass
@@ -177,8 +202,10 @@ class OutputSettings:
     """Where the results go: ``metrics.json``, ``report.html``, the caches and an MLflow run.
 
     Attributes:
-        output_dir: folder for ``metrics.json``, ``report.html``, ``generated/`` and ``feature_cache/``.
+        output_dir: folder for ``metrics.json``, ``report.html``, ``per_gene.csv``, ``real_vs_generated.png``,
+            ``generated/`` and ``feature_cache/``.
         num_report_spots: spots shown side by side in the report.
+        figure_spots_per_label: spots per label in ``real_vs_generated.png`` (0: no figure).
         tracking_uri: MLflow tracking URI (None: no MLflow run).
         experiment_name: MLflow experiment.
         run_name: MLflow run name (None: ``eval_<time>``).
@@ -187,6 +214,7 @@ class OutputSettings:
 
     output_dir: str | os.PathLike
     num_report_spots: int = 24
+    figure_spots_per_label: int = 4
     tracking_uri: str | None = None
     experiment_name: str = "st_ldm"
     run_name: str | None = None

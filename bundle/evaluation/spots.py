@@ -12,7 +12,7 @@ import torch
 
 from bundle.utils import read_json
 
-__all__ = ["select_spots", "load_real_patches", "resize_images", "load_conditions"]
+__all__ = ["select_spots", "split_sizes", "load_real_patches", "resize_images", "load_conditions"]
 
 
 def select_spots(
@@ -27,13 +27,15 @@ def select_spots(
             returned in list order.
         seed: seed of the choice.
     """
-    path = Path(dataset_dir) / "datalist.json"
-    datalist = read_json(path)
-    entries = datalist.get(split) if isinstance(datalist, dict) else None
+    datalist = read_json(Path(dataset_dir) / "datalist.json")
+    datalist = datalist if isinstance(datalist, dict) else {}
+    entries = datalist.get(split)
     if not entries:
+        sizes = ", ".join(f"{k} {v}" for k, v in split_sizes(datalist).items())
         raise ValueError(
-            f"{str(path)!r} has no {split!r} spots; prepare the dataset with a manifest that puts at least one sample "
-            f"in that split (scripts/prepare_dataset.py)."
+            f"the dataset {str(dataset_dir)!r} has no {split!r} spots (its datalist.json holds {sizes}); score a split "
+            "that has spots (eval_split: 'validation' or 'test'; the probe learns from 'training') or prepare the "
+            "dataset with a manifest that puts at least one sample in that split (scripts/prepare_dataset.py)."
         )
     index = np.arange(len(entries))
     if num is not None:
@@ -42,6 +44,14 @@ def select_spots(
         if int(num) < len(entries):
             index = np.sort(np.random.default_rng(seed).choice(len(entries), size=int(num), replace=False))
     return [dict(entries[i]) for i in index], index
+
+
+def split_sizes(datalist: Mapping[str, Any]) -> dict[str, int]:
+    """Spots per split of a ``datalist.json`` dictionary: ``training``, ``validation``, ``test`` (0 when absent) and
+    any other list it holds."""
+    sizes = dict.fromkeys(("training", "validation", "test"), 0)
+    sizes.update({str(k): len(v) for k, v in datalist.items() if isinstance(v, list)})
+    return sizes
 
 
 def load_real_patches(

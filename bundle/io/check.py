@@ -10,17 +10,19 @@ would raise, so users learn about every problem of a cohort at once, before hour
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any
 
 import numpy as np
 
-from bundle.geometry import VISIUM_PITCH_UM
+from bundle.geometry import PITCH_TOLERANCE
 from bundle.io.dataset import MAX_BACKGROUND_SHARE, background_refusal, quality_control, read_manifest, read_sample
 
 __all__ = ["check_inputs", "format_check_table", "CHECK_COLUMNS"]
 
 CHECK_COLUMNS = (
     "sample",
+    "technology",
     "mpp",
     "mpp_source",
     "spots",
@@ -40,16 +42,19 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def _check_one(row, fov_um: float, min_counts: int, backend, spot_spacing_um, max_background_share) -> dict[str, Any]:
+def _check_one(
+    row, fov_um: float, min_counts: int, backend, max_background_share: float, options: dict[str, Any]
+) -> dict[str, Any]:
     """The check row of one manifest sample (never raises for problems of the sample's files)."""
     result: dict[str, Any] = dict.fromkeys(CHECK_COLUMNS, "")
     result["sample"] = row.sample_id
     try:
-        sample = read_sample(row, backend, spot_spacing_um, fov_um, max_background_share=1.0)
+        sample = read_sample(row, backend, fov_um=fov_um, max_background_share=1.0, **options)
     except (OSError, ValueError, KeyError) as error:  # the bundle's refusals of unreadable or inconsistent inputs
         result["verdict"] = f"refused: {_first_line(error)}"
         return result
     result.update(
+        technology=sample.geometry.technology.name,
         mpp=round(float(sample.slide.mpp), 4),
         mpp_source=sample.slide.mpp_source,
         features=sample.features,
@@ -80,19 +85,24 @@ def check_inputs(
     fov_um: float = 128.0,
     min_counts: int = 100,
     backend: str | None = None,
-    spot_spacing_um: float | None = VISIUM_PITCH_UM,
+    spot_spacing_um: float | None = None,
     max_background_share: float = MAX_BACKGROUND_SHARE,
+    pitch_tolerance: float | None = PITCH_TOLERANCE,
+    split_by: str = "patient",
 ) -> list[dict[str, Any]]:
     """Run the input checks of dataset preparation on every sample of ``manifest``; write nothing.
 
     The arguments mean what they mean for :func:`bundle.io.dataset.prepare_dataset`. A manifest that cannot be read
-    at all raises (there are no samples to report); every problem of a sample's own files becomes its verdict.
+    at all raises (there are no samples to report); every problem of a sample's own files becomes its verdict. Plain
+    images are converted into a temporary folder, removed at the end.
 
     Returns:
         One dict per sample with the keys :data:`CHECK_COLUMNS`.
     """
-    rows = read_manifest(manifest)
-    return [_check_one(r, fov_um, min_counts, backend, spot_spacing_um, max_background_share) for r in rows]
+    rows = read_manifest(manifest, split_by)
+    with tempfile.TemporaryDirectory(prefix="check_inputs_") as cache_dir:
+        options = {"spot_spacing_um": spot_spacing_um, "pitch_tolerance": pitch_tolerance, "cache_dir": cache_dir}
+        return [_check_one(r, fov_um, min_counts, backend, max_background_share, options) for r in rows]
 
 
 def format_check_table(results: list[dict[str, Any]], width: int = 100) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -32,14 +33,18 @@ from typing import Any
 import numpy as np
 
 from bundle.geometry import (
-    HEX_OFFSETS,
+    MAX_LATTICE_RESIDUAL,
     NEIGHBOR_RADIUS_PITCHES,
-    VISIUM_PITCH_UM,
-    VISIUM_SPOT_DIAMETER_UM,
+    PITCH_TOLERANCE,
+    SPACERANGER_DIAMETER_FULLRES_UM,
+    PitchFit,
+    Technology,
+    fit_pixel_size,
+    get_technology,
     spot_neighbors,
 )
 from bundle.io.gene_panel import probe_genes, select_gene_panel
-from bundle.io.slides import SlideInfo, read_slide_info
+from bundle.io.slides import MissingPixelSize, SlideInfo, read_slide_info
 from bundle.io.spots import (
     get_counts,
     library_sizes,
@@ -48,9 +53,12 @@ from bundle.io.spots import (
     read_st,
     spot_diameter_px,
     spot_table,
+    technology_name,
 )
 from bundle.io.tissue import MIN_TISSUE_FRACTION, TISSUE_MARGIN_UM, spot_tissue_fractions
-from bundle.utils import check_writable, staging_dir, write_json_atomic
+from bundle.utils import check_writable, read_json, staging_dir, write_json_atomic
+
+logger = logging.getLogger(__name__)
 
 # manifest split name -> datalist key (MONAI decathlon layout)
 SPLIT_KEYS = {"train": "training", "val": "validation", "test": "test"}
@@ -71,8 +79,10 @@ class ManifestRow:
         mpp: explicit level-0 pixel size (um/px), or None to read it from the slide (or the HEST metadata).
         split: ``"train"``, ``"val"`` or ``"test"``.
         patient: patient id; a patient's samples must all be in one split. Defaults to the sample id.
-        metadata_path: HEST metadata JSON (gives the pixel size), or None.
+        metadata_path: HEST metadata JSON (pixel size, technology, spot diameter and pitch), or None.
         layer: AnnData layer with raw counts (None: ``.raw`` when present, else ``X``).
+        technology: spot technology (:func:`bundle.geometry.get_technology`); None: the HEST metadata's, else legacy
+            ST for a legacy ST section, else Visium.
     """
 
     sample_id: str
@@ -83,90 +93,150 @@ class ManifestRow:
     patient: str = ""
     metadata_path: Path | None = None
     layer: str | None = None
+    technology: str | None = None
 
 
-def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
-    """Read a manifest CSV: ``sample_id,st_path,slide_path[,mpp,split,patient,metadata_path,layer]``.
+MANIFEST_COLUMNS = ("sample_id", "st_path", "slide_path", "mpp", "split", "patient", "metadata_path", "layer")
+MANIFEST_OPTIONAL = ("technology", "hest_root")
+# where a HEST root keeps a sample's files
+HEST_LAYOUT = {"st_path": "st/{}.h5ad", "slide_path": "wsis/{}.tif", "metadata_path": "metadata/{}.json"}
 
-    Relative paths are taken relative to the manifest's folder. Raises ``ValueError`` naming the row and column for
-    missing columns, duplicate samples, unknown splits, missing files and patients spread over several splits.
+
+def read_manifest(path: str | os.PathLike, split_by: str = "patient") -> list[ManifestRow]:
+    """Read a manifest CSV: ``sample_id,st_path,slide_path[,mpp,split,patient,metadata_path,layer,technology,hest_root]``.
+
+    Relative paths are taken relative to the manifest's folder. A row with ``hest_root`` (a HEST-1k download) may leave
+    ``st_path``, ``slide_path`` and ``metadata_path`` empty: they default to ``st/<sample_id>.h5ad``,
+    ``wsis/<sample_id>.tif`` and ``metadata/<sample_id>.json`` under it. Raises ``ValueError`` naming the row and
+    column for missing columns, duplicate samples, unknown splits, missing files and, with ``split_by="patient"``,
+    patients spread over several splits (``split_by="sample"`` allows it, with a warning: serial sections of one patient
+    in training and validation measure less than a held-out patient does).
     """
     path = Path(path)
+    if split_by not in ("patient", "sample"):
+        raise ValueError(f"split_by must be 'patient' or 'sample', got {split_by!r}.")
     if not path.is_file():
         raise FileNotFoundError(f"Manifest {str(path)!r} does not exist.")
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in ("sample_id", "st_path", "slide_path") if c not in columns]
+        required = ("sample_id",) if "hest_root" in columns else ("sample_id", "st_path", "slide_path")
+        missing = [c for c in required if c not in columns]
         if missing:
             raise ValueError(
-                f"Manifest {str(path)!r} lacks the column(s) {missing}; it needs sample_id,st_path,slide_path and may "
-                "have mpp,split,patient,metadata_path,layer."
+                f"Manifest {str(path)!r} lacks the column(s) {missing}; it needs sample_id,st_path,slide_path (or "
+                "sample_id,hest_root) and may have mpp,split,patient,metadata_path,layer,technology."
             )
         raw_rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
     if not raw_rows:
         raise ValueError(f"Manifest {str(path)!r} lists no samples.")
-    base = path.parent
     rows, seen = [], set()
     for i, raw in enumerate(raw_rows, start=2):
-        where = f"{path.name} line {i}"
-        sid = raw["sample_id"]
-        if not sid:
-            raise ValueError(f"{where}: empty sample_id.")
-        if sid in seen:
-            raise ValueError(f"{where}: sample_id {sid!r} appears twice; sample ids must be unique.")
-        seen.add(sid)
-        split = raw.get("split") or "train"
-        if split not in SPLIT_KEYS:
-            raise ValueError(f"{where}: split {split!r} of sample {sid!r} must be one of {sorted(SPLIT_KEYS)}.")
-        resolved = {}
-        for col in ("st_path", "slide_path", "metadata_path"):
-            value = raw.get(col, "")
-            if not value:
-                resolved[col] = None
-                continue
-            p = Path(value) if Path(value).is_absolute() else base / value
-            if not p.exists():
-                raise FileNotFoundError(f"{where}: {col} {value!r} of sample {sid!r} does not exist (looked at {p}).")
-            resolved[col] = p.resolve()
-        if resolved["st_path"] is None or resolved["slide_path"] is None:
-            raise ValueError(f"{where}: sample {sid!r} needs both st_path and slide_path.")
-        mpp_text = raw.get("mpp", "")
-        try:
-            mpp = float(mpp_text) if mpp_text else None
-        except ValueError:
-            raise ValueError(f"{where}: mpp {mpp_text!r} of sample {sid!r} is not a number (um/px).") from None
-        if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+        row = _manifest_row(raw, path.parent, f"{path.name} line {i}")
+        if row.sample_id in seen:
             raise ValueError(
-                f"{where}: mpp {mpp_text!r} of sample {sid!r} is not a pixel size: give the scan's level-0 pixel size in "
-                "um/px (0.25 at 40x, 0.5 at 20x), or leave the cell empty to read it from the slide."
+                f"{path.name} line {i}: sample_id {row.sample_id!r} appears twice; sample ids must be unique."
             )
-        rows.append(
-            ManifestRow(
-                sample_id=sid,
-                st_path=resolved["st_path"],
-                slide_path=resolved["slide_path"],
-                mpp=mpp,
-                split=split,
-                patient=raw.get("patient") or sid,
-                metadata_path=resolved["metadata_path"],
-                layer=raw.get("layer") or None,
-            )
+        seen.add(row.sample_id)
+        rows.append(row)
+    _check_patient_splits(rows, path, split_by)
+    return rows
+
+
+def _manifest_paths(raw: dict[str, str], base: Path, where: str, sid: str) -> dict[str, Path | None]:
+    """The row's ``st_path``, ``slide_path`` and ``metadata_path``, resolved (HEST layout under ``hest_root``)."""
+    hest_root = raw.get("hest_root", "")
+    if hest_root:
+        hest_root = Path(hest_root) if Path(hest_root).is_absolute() else base / hest_root
+        if not hest_root.is_dir():
+            raise FileNotFoundError(f"{where}: hest_root {raw['hest_root']!r} of sample {sid!r} is not a folder.")
+    resolved = {}
+    for col in ("st_path", "slide_path", "metadata_path"):
+        value = raw.get(col, "")
+        if not value and hest_root:
+            p = hest_root / HEST_LAYOUT[col].format(sid)
+            if not p.exists():
+                raise FileNotFoundError(
+                    f"{where}: sample {sid!r} has no {col} and its HEST root {str(hest_root)!r} has no "
+                    f"{HEST_LAYOUT[col].format(sid)}; download the sample's st/, wsis/ and metadata/ files, or give "
+                    f"{col}."
+                )
+            resolved[col] = p.resolve()
+            continue
+        if not value:
+            resolved[col] = None
+            continue
+        p = Path(value) if Path(value).is_absolute() else base / value
+        if not p.exists():
+            raise FileNotFoundError(f"{where}: {col} {value!r} of sample {sid!r} does not exist (looked at {p}).")
+        resolved[col] = p.resolve()
+    if resolved["st_path"] is None or resolved["slide_path"] is None:
+        raise ValueError(f"{where}: sample {sid!r} needs both st_path and slide_path (or a hest_root).")
+    return resolved
+
+
+def _manifest_row(raw: dict[str, str], base: Path, where: str) -> ManifestRow:
+    """One manifest line as a :class:`ManifestRow`, checked."""
+    from bundle.geometry import get_technology
+
+    sid = raw["sample_id"]
+    if not sid:
+        raise ValueError(f"{where}: empty sample_id.")
+    split = raw.get("split") or "train"
+    if split not in SPLIT_KEYS:
+        raise ValueError(f"{where}: split {split!r} of sample {sid!r} must be one of {sorted(SPLIT_KEYS)}.")
+    resolved = _manifest_paths(raw, base, where, sid)
+    mpp_text = raw.get("mpp", "")
+    try:
+        mpp = float(mpp_text) if mpp_text else None
+    except ValueError:
+        raise ValueError(f"{where}: mpp {mpp_text!r} of sample {sid!r} is not a number (um/px).") from None
+    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+        raise ValueError(
+            f"{where}: mpp {mpp_text!r} of sample {sid!r} is not a pixel size: give the scan's level-0 pixel size in "
+            "um/px (0.25 at 40x, 0.5 at 20x), or leave the cell empty to read it from the slide."
         )
+    technology = raw.get("technology") or None
+    if technology is not None:
+        get_technology(technology, what=f"{where}: technology of sample {sid!r}")
+    return ManifestRow(
+        sample_id=sid,
+        st_path=resolved["st_path"],
+        slide_path=resolved["slide_path"],
+        mpp=mpp,
+        split=split,
+        patient=raw.get("patient") or sid,
+        metadata_path=resolved["metadata_path"],
+        layer=raw.get("layer") or None,
+        technology=technology,
+    )
+
+
+def _check_patient_splits(rows: Sequence[ManifestRow], path: Path, split_by: str) -> None:
+    """Refuse (``split_by="patient"``) or warn about (``"sample"``) patients whose samples are in several splits."""
     patient_splits: dict[str, set[str]] = {}
     for r in rows:
         patient_splits.setdefault(r.patient, set()).add(r.split)
     leaking = {p: sorted(s) for p, s in patient_splits.items() if len(s) > 1}
-    if leaking:
-        raise ValueError(
-            f"Manifest {str(path)!r} puts one patient's samples in several splits {leaking}; splits must be by "
-            "patient, so that validation tissue is never seen in training."
+    if not leaking:
+        return
+    if split_by == "sample":
+        logger.warning(
+            "Manifest %s puts one patient's samples in several splits %s (split_by='sample'): the held-out sections "
+            "share their patient with training sections, so scores measure new sections, not new patients.",
+            path,
+            leaking,
         )
-    return rows
+        return
+    raise ValueError(
+        f"Manifest {str(path)!r} puts one patient's samples in several splits {leaking}; splits must be by "
+        "patient, so that validation tissue is never seen in training (split_by='sample', --split-by sample, "
+        "allows serial sections of one patient in several splits, and says so in dataset.json)."
+    )
 
 
-def _check_geometry(sample: str, table: dict, slide, diameter_px: float | None, spot_spacing_um: float | None) -> None:
-    """Raise when the spots do not fit the slide or the lattice spacing does not fit the pixel size."""
+def _check_on_slide(sample: str, table: dict, slide) -> None:
+    """Raise when in-tissue spot centres lie outside the slide."""
     height, width = slide.size
     tissue = table["in_tissue"] == 1
     x, y = table["x"][tissue], table["y"][tissue]
@@ -184,28 +254,34 @@ def _check_geometry(sample: str, table: dict, slide, diameter_px: float | None, 
             f"y = row{'; swapped, they would fit' if _fits_swapped(x, y, width, height) else ''}) and that the "
             "coordinates are full-resolution pixels (not hires/lowres image pixels: divide by tissue_hires_scalef)."
         )
-    mpp = slide.mpp
-    if diameter_px is not None:
-        diameter_um = diameter_px * mpp
-        if not 0.6 * VISIUM_SPOT_DIAMETER_UM <= diameter_um <= 1.6 * VISIUM_SPOT_DIAMETER_UM:
-            raise ValueError(
-                f"Sample {sample!r}: spot_diameter_fullres = {diameter_px:.1f} px at {mpp} um/px means {diameter_um:.1f} um "
-                f"spots, but Visium spots are {VISIUM_SPOT_DIAMETER_UM:.0f} um: the pixel size (mpp) or the scale factors "
-                "do not match this slide."
-            )
-    if spot_spacing_um and "array_row" in table:
-        r, c = table["array_row"], table["array_col"]
-        idx = {(a, b): i for i, (a, b) in enumerate(zip(r, c))}
-        dr, dc = HEX_OFFSETS[1]  # the next spot along an array row, one pitch away
-        pairs = [(i, idx[(a + dr, b + dc)]) for i, (a, b) in enumerate(zip(r, c)) if (a + dr, b + dc) in idx]
-        if pairs:
-            i, j = np.asarray(pairs).T
-            spacing_um = float(np.median(np.hypot(table["x"][i] - table["x"][j], table["y"][i] - table["y"][j]))) * mpp
-            if abs(spacing_um - spot_spacing_um) > 0.25 * spot_spacing_um:
-                raise ValueError(
-                    f"Sample {sample!r}: neighbouring spots are {spacing_um:.1f} um apart at {mpp} um/px, but the array "
-                    f"spacing is {spot_spacing_um:.0f} um: the pixel size (mpp) or the coordinates' scale is wrong."
-                )
+
+
+def _check_pitch(sample: str, mpp: float, source: str, geometry: "SpotGeometry", tolerance: float | None) -> None:
+    """Raise when the pixel size ``mpp`` contradicts the one fitted to the spot array by more than ``tolerance``."""
+    fit = geometry.fit
+    if tolerance is None or fit is None or abs(mpp - fit.mpp) <= tolerance * fit.mpp:
+        return
+    tech = geometry.technology
+    raise ValueError(
+        f"Sample {sample!r}: the pixel size {mpp:.4g} um/px ({source}) contradicts the spot pitch: the "
+        f"{tech.name} array ({tech.lattice} lattice, {tech.pitch_um:g} um pitch) fits the spot centres at "
+        f"{fit.mpp:.4g} um/px ({100 * abs(mpp / fit.mpp - 1):.1f}% apart, more than pitch_tolerance = "
+        f"{tolerance:g}). Check the manifest's mpp, the slide (is it the full-resolution image the spots were "
+        "aligned to?) and the technology; leave mpp empty to use the fitted value for a slide without one."
+    )
+
+
+def _check_diameter(sample: str, mpp: float, geometry: "SpotGeometry", diameter_px: float | None) -> None:
+    """Raise when Space Ranger's ``spot_diameter_fullres`` does not fit the pixel size."""
+    if diameter_px is None or geometry.technology.name != "visium":
+        return
+    diameter_um = diameter_px * mpp
+    if not 0.8 * SPACERANGER_DIAMETER_FULLRES_UM <= diameter_um <= 1.25 * SPACERANGER_DIAMETER_FULLRES_UM:
+        raise ValueError(
+            f"Sample {sample!r}: spot_diameter_fullres = {diameter_px:.1f} px at {mpp} um/px is {diameter_um:.1f} um, "
+            f"but Space Ranger's value spans {SPACERANGER_DIAMETER_FULLRES_UM:.0f} um: the pixel size (mpp) or the "
+            "scale factors do not match this slide."
+        )
 
 
 def _fits_swapped(x: np.ndarray, y: np.ndarray, width: int, height: int) -> bool:
@@ -266,6 +342,7 @@ class Sample:
     reason: np.ndarray | None = None  # per spot: "" (kept) or why it was dropped
     tissue: np.ndarray | None = None  # per spot: tissue fraction of its patch (NaN where not measured)
     features: str = ""  # what the matrix's features were: genes, or probes summed to genes
+    geometry: "SpotGeometry | None" = None  # technology and fitted pixel size
 
     @property
     def kept(self) -> np.ndarray:
@@ -284,30 +361,150 @@ def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
         )
 
 
+@dataclass
+class SpotGeometry:
+    """A sample's spot technology and the pixel size fitted from its array (None without array coordinates)."""
+
+    technology: Technology
+    fit: PitchFit | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The geometry as ``qc_summary.json`` records it."""
+        tech = self.technology
+        record = {
+            "technology": tech.name,
+            "lattice": tech.lattice,
+            "spot_diameter_um": tech.spot_diameter_um,
+            "pitch_um": tech.pitch_um,
+            "num_neighbors": tech.num_neighbors,
+        }
+        if self.fit is not None:
+            record["mpp_fit"] = {"mpp": self.fit.mpp, "residual_um": self.fit.residual_um, "spots": self.fit.num_spots}
+        return record
+
+
+def _hest_metadata(row: ManifestRow) -> dict[str, Any] | None:
+    """The row's HEST metadata, checked to describe this sample (its ``id`` is the sample's HEST id)."""
+    if row.metadata_path is None:
+        return None
+    meta = read_hest_metadata(row.metadata_path)
+    named = meta.get("id") or meta.get("sample_id")
+    expected = {row.sample_id, Path(row.st_path).name.split(".")[0], Path(row.slide_path).name.split(".")[0]}
+    if named is not None and str(named) not in expected:
+        raise ValueError(
+            f"HEST metadata {str(row.metadata_path)!r} describes sample {named!r}, but it is given for sample "
+            f"{row.sample_id!r} ({Path(row.st_path).name}): each sample needs its own metadata/<id>.json (its pixel "
+            "size and spot geometry). Point metadata_path at the right file."
+        )
+    return meta
+
+
+def _number(value: Any) -> float | None:
+    """A finite positive number from metadata, else None."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def spot_geometry(
+    row: ManifestRow, adata: Any, table: dict[str, np.ndarray], meta: dict | None, spot_spacing_um: float | None
+) -> SpotGeometry:
+    """The sample's technology (manifest, HEST metadata, the reader's, else Visium; ``spot_spacing_um`` overrides
+    the pitch) and the pixel size fitted from its array coordinates; raises when the spots do not lie on that
+    technology's lattice."""
+    meta = meta or {}
+    name = row.technology or meta.get("st_technology") or technology_name(adata)
+    technology = get_technology(
+        name,
+        _number(meta.get("spot_diameter")),
+        spot_spacing_um or _number(meta.get("inter_spot_dist")),
+        what=f"Sample {row.sample_id!r}: technology",
+    )
+    if "array_row" not in table:
+        return SpotGeometry(technology)
+    fit = fit_pixel_size(table["array_row_fit"], table["array_col_fit"], table["x"], table["y"], technology)
+    if fit is not None and fit.residual_um > MAX_LATTICE_RESIDUAL * technology.pitch_um:
+        raise ValueError(
+            f"Sample {row.sample_id!r}: the spots do not lie on a {technology.name} array ({technology.lattice} "
+            f"lattice, {technology.pitch_um:g} um pitch): their centres are {fit.residual_um:.1f} um (RMS) from the "
+            "best-fitting one. Check the technology (manifest column `technology`: visium, st, visium_hd, xenium) "
+            "and that array_row/array_col belong to these pixel positions."
+        )
+    return SpotGeometry(technology, fit)
+
+
+def _given_mpp(row: ManifestRow, meta: dict | None) -> tuple[float | None, str]:
+    """The pixel size given for the sample (manifest, else HEST metadata) and its source."""
+    if row.mpp is not None:
+        return row.mpp, "manifest"
+    if meta is not None and meta.get("mpp") is not None:
+        return meta["mpp"], f"hest:{meta['mpp_key']}"
+    return None, ""
+
+
+def _open_slide(
+    row: ManifestRow, given: float | None, fit: PitchFit | None, backend: str | None, cache_dir: Path | None
+) -> tuple[SlideInfo, str | None]:
+    """The sample's slide (a plain image converted once into ``cache_dir``) and, when its pixel size was fitted
+    from the array, ``"estimated"``."""
+    from bundle.io.convert import converted_slide, needs_conversion
+
+    path, estimated = Path(row.slide_path), None
+    if needs_conversion(path):
+        if given is None and fit is None:
+            raise ValueError(
+                f"Slide {str(path)!r} of sample {row.sample_id!r} is a plain image without a pixel size, and the "
+                "spots have no array coordinates to fit one from: give the manifest's mpp (um/px)."
+            )
+        if cache_dir is None:
+            raise ValueError(f"Slide {str(path)!r} is a plain image: a cache folder for its converted TIFF is needed.")
+        path = converted_slide(path, given or fit.mpp, cache_dir, backend)
+        estimated = None if given is not None else "estimated"
+        return read_slide_info(path, backend=backend, mpp=given or fit.mpp), estimated
+    try:
+        return read_slide_info(path, backend=backend, mpp=given), None
+    except MissingPixelSize:
+        if fit is None:
+            raise
+    return read_slide_info(path, backend=backend, mpp=fit.mpp), "estimated"
+
+
 def read_sample(
     row: ManifestRow,
     backend: str | None,
-    spot_spacing_um: float | None,
+    spot_spacing_um: float | None = None,
     fov_um: float = 128.0,
     max_background_share: float = MAX_BACKGROUND_SHARE,
+    pitch_tolerance: float | None = PITCH_TOLERANCE,
+    cache_dir: str | os.PathLike | None = None,
 ) -> Sample:
-    """Read one sample's counts, slide (pixel size from the manifest, the HEST metadata or the slide) and spots, and
-    check that the spots fit the slide and land on its tissue."""
+    """Read one sample's counts, spot geometry and slide, and check that the spots fit the slide and its tissue.
+
+    The pixel size comes from the manifest, the HEST metadata or the slide; a slide without one (a plain image, a
+    bare TIFF) gets the one fitted from the spot array (:func:`bundle.geometry.fit_pixel_size`), recorded as
+    ``estimated``. A given or recorded pixel size more than ``pitch_tolerance`` away from the fitted one is refused
+    (None skips the check). Plain images are converted once into ``cache_dir`` (:mod:`bundle.io.convert`).
+    """
     adata = read_st(row.st_path)
     counts, sample_genes = get_counts(adata, row.layer, name=f"sample {row.sample_id!r} ({row.st_path})")
-    mpp, mpp_source = row.mpp, "manifest"
-    if mpp is None and row.metadata_path is not None:
-        meta = read_hest_metadata(row.metadata_path)
-        mpp, mpp_source = meta["mpp"], f"hest:{meta['mpp_key']}"
-    slide = read_slide_info(row.slide_path, backend=backend, mpp=mpp)
-    if slide.mpp_source == "explicit":
-        slide.mpp_source = mpp_source
+    meta = _hest_metadata(row)
     table = spot_table(adata)
-    _check_geometry(row.sample_id, table, slide, spot_diameter_px(adata), spot_spacing_um)
+    geometry = spot_geometry(row, adata, table, meta, spot_spacing_um)
+    given, source = _given_mpp(row, meta)
+    if given is not None:  # before a plain image is converted with it
+        _check_pitch(row.sample_id, given, source, geometry, pitch_tolerance)
+    slide, estimated = _open_slide(row, given, geometry.fit, backend, None if cache_dir is None else Path(cache_dir))
+    slide.mpp_source = estimated or (source if slide.mpp_source == "explicit" else slide.mpp_source)
+    _check_on_slide(row.sample_id, table, slide)
+    if slide.mpp_source == "slide":
+        _check_pitch(row.sample_id, slide.mpp, "recorded in the slide", geometry, pitch_tolerance)
+    _check_diameter(row.sample_id, slide.mpp, geometry, spot_diameter_px(adata))
     tissue = _check_tissue(row.sample_id, table, slide, backend, fov_um, max_background_share)
     probes = probe_genes(adata.var_names, adata.var)
     features = f"{adata.n_vars} probes -> {len(sample_genes)} genes" if probes else f"{len(sample_genes)} genes"
-    return Sample(row, counts, sample_genes, slide, table, tissue=tissue, features=features)
+    return Sample(row, counts, sample_genes, slide, table, tissue=tissue, features=features, geometry=geometry)
 
 
 def _common_genes(samples: Sequence[Sample]) -> list[str]:
@@ -356,6 +553,7 @@ def quality_control(sample: Sample, fov_um: float, min_counts: int) -> dict[str,
         **{why: int((reason == why).sum()) for why in DROP_REASONS},
         "mpp": slide.mpp,
         "mpp_source": slide.mpp_source,
+        **(sample.geometry.record() if sample.geometry is not None else {}),
     }
     if not sample.kept.any():
         raise ValueError(
@@ -372,7 +570,12 @@ def _gene_columns(sample: Sample, genes: Sequence[str]) -> list[int]:
 
 
 def _choose_panel(
-    samples: Sequence[Sample], genes: list[str] | None, all_genes: list[str], n_top_genes: int, target_sum: float
+    samples: Sequence[Sample],
+    genes: list[str] | None,
+    all_genes: list[str],
+    n_top_genes: int,
+    target_sum: float,
+    min_spot_fraction: float = 0.0,
 ) -> tuple[list[str], dict[str, Any]]:
     """The gene panel and how it was chosen: as given, or the most variable genes of the kept training spots."""
     if genes is not None:
@@ -382,25 +585,28 @@ def _choose_panel(
         raise ValueError("No sample has split 'train': the gene panel is chosen on training samples only.")
     matrices = [s.counts[s.kept][:, _gene_columns(s, all_genes)] for s in train]
     libraries = [s.library[s.kept] for s in train]
-    genes = select_gene_panel(matrices, libraries, all_genes, n_top_genes, target_sum)
+    genes = select_gene_panel(matrices, libraries, all_genes, n_top_genes, target_sum, min_spot_fraction)
     selection = {
         "method": "highly_variable_genes",
         "flavor": "seurat",
         "n_top_genes": n_top_genes,
+        "min_spot_fraction": min_spot_fraction,
         "samples": [s.row.sample_id for s in train],
     }
     return genes, selection
 
 
-def _datalist_entries(sample: Sample, offset: int, spot_spacing_um: float | None) -> list[dict[str, Any]]:
+def _datalist_entries(sample: Sample, offset: int) -> list[dict[str, Any]]:
     """Datalist entries of a sample's kept spots; their expression rows start at ``offset``."""
     table, slide, kept = sample.table, sample.slide, sample.kept
+    technology = sample.geometry.technology
     lattice = "array_row" in table
     neighbors = spot_neighbors(
         table["array_row"][kept] if lattice else None,
         table["array_col"][kept] if lattice else None,
         np.stack([table["x"][kept], table["y"][kept]], axis=1),
-        radius=NEIGHBOR_RADIUS_PITCHES * (spot_spacing_um or VISIUM_PITCH_UM) / slide.mpp,
+        radius=NEIGHBOR_RADIUS_PITCHES * technology.pitch_um / slide.mpp,
+        technology=technology,
     )
     neighbors = np.where(neighbors >= 0, neighbors + offset, -1)
     image = str(Path(slide.path).resolve())
@@ -437,9 +643,7 @@ def _spot_rows(sample: Sample) -> list[list]:
     ]
 
 
-def _assemble(
-    samples: Sequence[Sample], genes: list[str], target_sum: float, spot_spacing_um: float | None
-) -> dict[str, Any]:
+def _assemble(samples: Sequence[Sample], genes: list[str], target_sum: float) -> dict[str, Any]:
     """The expression and count stores, the datalist and the ``spots.csv`` rows of all samples' kept spots."""
     expression_parts, count_parts, spot_rows = [], [], []
     datalist: dict[str, list] = {key: [] for key in SPLIT_KEYS.values()}
@@ -449,7 +653,7 @@ def _assemble(
         panel_counts = sample.counts[kept][:, _gene_columns(sample, genes)]
         count_parts.append(panel_counts.toarray().astype(np.int32))
         expression_parts.append(log_normalize(panel_counts, sample.library[kept], target_sum))
-        datalist[SPLIT_KEYS[sample.row.split]].extend(_datalist_entries(sample, offset, spot_spacing_um))
+        datalist[SPLIT_KEYS[sample.row.split]].extend(_datalist_entries(sample, offset))
         spot_rows.extend(_spot_rows(sample))
         offset += int(kept.sum())
     return {
@@ -492,6 +696,34 @@ def _write_dataset(output_dir: Path, stores: dict[str, Any], files: dict[str, An
             writer.writerows(stores["spot_rows"])
 
 
+def _check_one_lattice(samples: Sequence[Sample]) -> int:
+    """The number of neighbours every sample's lattice gives; raises when samples mix lattices."""
+    counts = {s.row.sample_id: s.geometry.technology.num_neighbors for s in samples}
+    if len(set(counts.values())) > 1:
+        lattices = {s.row.sample_id: s.geometry.technology.lattice for s in samples}
+        raise ValueError(
+            f"The samples mix spot lattices {lattices}: a hexagonal array gives 6 neighbours, a square one 8, and the "
+            "model's condition has one neighbour count. Prepare the technologies as separate datasets."
+        )
+    return next(iter(counts.values()))
+
+
+def _panel_genes(samples, genes, include_genes, all_genes, n_top_genes, target_sum, min_spot_fraction):
+    """The gene panel and its selection record: the given genes, or the most variable ones plus ``include_genes``."""
+    if genes is not None:
+        genes = _check_requested_panel(genes, samples)
+    genes, selection = _choose_panel(samples, genes, all_genes, n_top_genes, target_sum, min_spot_fraction)
+    extra = [g for g in _check_requested_panel(include_genes or [], samples) if g not in genes]
+    if extra:
+        selection = {**selection, "included": extra}
+    return genes + extra, selection
+
+
+def _slide_cache_dir(output_dir: Path, slide_cache_dir: str | os.PathLike | None) -> Path:
+    """Where plain-image slides are converted: ``slide_cache_dir``, else ``<output_dir>_slides`` beside the dataset."""
+    return Path(slide_cache_dir) if slide_cache_dir is not None else output_dir.with_name(output_dir.name + "_slides")
+
+
 def prepare_dataset(
     manifest: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -501,10 +733,15 @@ def prepare_dataset(
     min_counts: int = 100,
     target_sum: float = 1e4,
     backend: str | None = None,
-    spot_spacing_um: float | None = VISIUM_PITCH_UM,
+    spot_spacing_um: float | None = None,
     max_background_share: float = MAX_BACKGROUND_SHARE,
     overwrite: bool = False,
     verbose: bool = True,
+    pitch_tolerance: float | None = PITCH_TOLERANCE,
+    split_by: str = "patient",
+    include_genes: Sequence[str] | None = None,
+    slide_cache_dir: str | os.PathLike | None = None,
+    min_spot_fraction: float = 0.0,
 ) -> dict[str, Any]:
     """Build a dataset folder (see the module docstring) from a manifest of samples.
 
@@ -520,14 +757,23 @@ def prepare_dataset(
         min_counts: spots with fewer total counts are dropped.
         target_sum: ``normalize_total`` target before ``log1p``.
         backend: slide reader for pixel sizes and dimensions (None: the best available).
-        spot_spacing_um: expected centre-to-centre spacing of the array (100 for Visium), checked against the pixel
-            size; None skips the check.
+        spot_spacing_um: centre-to-centre spacing of the array; None: the technology's (100 um Visium, 200 um legacy
+            ST) or the HEST metadata's ``inter_spot_dist``.
         max_background_share: a sample whose share of in-tissue spots lying on background (no tissue in their patch
             on the slide's thumbnail) exceeds this is refused: the coordinates and the slide do not line up (x/y
             swapped, hires/lowres pixels, wrong slide). Such spots of accepted samples are dropped as
             ``on_background``. 1 turns the refusal off.
         overwrite: replace an existing dataset folder.
         verbose: print the QC summary.
+        pitch_tolerance: a pixel size (given or recorded in the slide) further than this share from the one fitted to
+            the spot array is refused; None skips the check.
+        split_by: ``"patient"`` refuses a patient whose samples are in several splits; ``"sample"`` allows it (serial
+            sections) and records it.
+        include_genes: genes added to the selected panel (e.g. the genes of the edits to score).
+        slide_cache_dir: where plain-image slides (JPEG, PNG, untiled TIFF) are converted to pyramidal TIFFs once;
+            defaults to ``<output_dir>_slides`` beside the dataset folder.
+        min_spot_fraction: genes detected in fewer than this share of the training spots are not selected (they may
+            still be given in ``genes`` or ``include_genes``).
 
     Returns:
         The QC summary (also written to ``qc_summary.json``).
@@ -538,17 +784,20 @@ def prepare_dataset(
         raise ValueError(f"fov_um must be positive micrometres, got {fov_um}.")
     if not 0.0 <= max_background_share <= 1.0:
         raise ValueError(f"max_background_share must be a share between 0 and 1, got {max_background_share}.")
+    cache_dir = _slide_cache_dir(output_dir, slide_cache_dir)
     samples = [
-        read_sample(row, backend, spot_spacing_um, fov_um, max_background_share) for row in read_manifest(manifest)
+        read_sample(row, backend, spot_spacing_um, fov_um, max_background_share, pitch_tolerance, cache_dir)
+        for row in read_manifest(manifest, split_by)
     ]
+    num_neighbors = _check_one_lattice(samples)
     all_genes = _common_genes(samples)
-    if genes is not None:
-        genes = _check_requested_panel(genes, samples)
     summary: dict[str, Any] = {"samples": {}}
     for sample in samples:
         summary["samples"][sample.row.sample_id] = quality_control(sample, fov_um, min_counts)
-    genes, selection = _choose_panel(samples, genes, all_genes, n_top_genes, target_sum)
-    stores = _assemble(samples, genes, target_sum, spot_spacing_um)
+    genes, selection = _panel_genes(
+        samples, genes, include_genes, all_genes, n_top_genes, target_sum, min_spot_fraction
+    )
+    stores = _assemble(samples, genes, target_sum)
     summary["total_kept"] = stores["num_spots"]
     summary["genes"] = len(genes)
     summary["splits"] = {k: len(v) for k, v in stores["datalist"].items()}
@@ -558,7 +807,11 @@ def prepare_dataset(
         "fov_um": fov_um,
         "min_counts": min_counts,
         "spot_spacing_um": spot_spacing_um,
+        "pitch_tolerance": pitch_tolerance,
         "max_background_share": max_background_share,
+        "split_by": split_by,
+        "technologies": sorted({s.geometry.technology.name for s in samples}),
+        "num_neighbors": num_neighbors,
         "num_spots": stores["num_spots"],
         "num_genes": len(genes),
         "stores": {"expression.npy": "log1p(normalize_total) float32", "counts.npy": "raw counts int32"},
@@ -573,6 +826,17 @@ def prepare_dataset(
     if verbose:
         print(format_qc_summary(summary))
     return summary
+
+
+def dataset_num_neighbors(dataset_dir: str | os.PathLike) -> int:
+    """The neighbour count of a prepared dataset's lattice (``dataset.json``; 6 for datasets that predate it)."""
+    record = Path(dataset_dir) / "dataset.json"
+    if not record.is_file():
+        raise FileNotFoundError(
+            f"{str(record)!r} does not exist: {str(dataset_dir)!r} is not a prepared dataset (scripts/prepare_dataset.py "
+            "writes it)."
+        )
+    return int(read_json(record).get("num_neighbors", 6))
 
 
 def format_qc_summary(summary: dict[str, Any]) -> str:

@@ -73,6 +73,7 @@ def select_gene_panel(
     genes: Sequence[str],
     n_top_genes: int,
     target_sum: float,
+    min_spot_fraction: float = 0.0,
 ) -> list[str]:
     """Top-``n_top_genes`` highly variable genes (scanpy, Seurat flavour) of log-normalised training spots.
 
@@ -82,6 +83,9 @@ def select_gene_panel(
         genes: gene names of the matrices' columns.
         n_top_genes: panel size.
         target_sum: normalisation total (as for training).
+        min_spot_fraction: only genes detected (count > 0) in at least this share of the training spots are
+            candidates, as ``scanpy.pp.filter_genes(min_cells=...)`` does before selection; on shallow data the
+            dispersion ranking otherwise favours genes seen in a handful of spots.
     """
     import anndata
     import scanpy as sc
@@ -91,9 +95,19 @@ def select_gene_panel(
         raise ValueError(f"n_top_genes must be >= 1, got {n_top_genes}.")
     if n_top_genes >= len(genes):
         return list(genes)
+    if not 0.0 <= min_spot_fraction < 1.0:
+        raise ValueError(f"min_spot_fraction must be a share in [0, 1), got {min_spot_fraction}.")
     x = sparse.vstack([sparse.csr_matrix(log_normalize(c, s, target_sum)) for c, s in zip(counts, library_sizes)])
     adata = anndata.AnnData(X=x.tocsr())
     adata.var_names = list(genes)
+    detected = np.asarray((adata.X > 0).sum(axis=0)).ravel() / max(adata.n_obs, 1)
+    candidates = detected >= min_spot_fraction
+    if candidates.sum() <= n_top_genes:
+        raise ValueError(
+            f"only {int(candidates.sum())} genes are detected in at least {min_spot_fraction:.0%} of the training "
+            f"spots, fewer than n_top_genes = {n_top_genes}; lower min_spot_fraction or n_top_genes."
+        )
+    adata = adata[:, candidates].copy()
     sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes, flavor="seurat")
     ranked = adata.var.sort_values("dispersions_norm", ascending=False)
     chosen = set(ranked.index[ranked["highly_variable"]][:n_top_genes])

@@ -181,6 +181,10 @@ def open_slide(path: str | os.PathLike, reader: BaseWSIReader):
     return wsi
 
 
+class MissingPixelSize(ValueError):
+    """A slide records no pixel size, or only a placeholder (such as a 72 dpi tag), and none was given."""
+
+
 @dataclass
 class SlideInfo:
     """Geometry and pixel size of one slide.
@@ -253,12 +257,12 @@ def resolve_mpp(path: str | os.PathLike, reader: BaseWSIReader, wsi, mpp: float 
     try:
         mpp_y, mpp_x = _recorded_mpp(reader, wsi)
     except Exception as e:
-        raise ValueError(
+        raise MissingPixelSize(
             f"Slide {str(path)!r} has no pixel size in its metadata ({e}). Pass it explicitly (the manifest's `mpp` "
             "column, or `mpp=`), e.g. 0.25 um/px for a 40x scan or 0.5 for 20x; it is never guessed."
         ) from e
     if not (low <= mpp_x <= high and low <= mpp_y <= high):
-        raise ValueError(
+        raise MissingPixelSize(
             f"Slide {str(path)!r} reports a pixel size of {mpp_x:.4g} x {mpp_y:.4g} um/px, which is not a scan "
             "resolution (often a 72 dpi placeholder tag). Pass the real pixel size explicitly (the manifest's `mpp` "
             "column, or `mpp=`)."

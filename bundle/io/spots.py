@@ -25,7 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from bundle.geometry import NEIGHBOR_RADIUS_PITCHES, VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM, spot_neighbors
+from bundle.geometry import (
+    NEIGHBOR_RADIUS_PITCHES,
+    SPACERANGER_DIAMETER_FULLRES_UM,
+    Technology,
+    fit_pixel_size,
+    get_technology,
+    spot_neighbors,
+)
+from bundle.io.legacy_st import legacy_st_files
 from bundle.utils import read_json
 
 logger = logging.getLogger(__name__)
@@ -199,18 +207,32 @@ def read_h5ad(path: str | os.PathLike, require_spatial: bool = True):
 
 
 def read_st(path: str | os.PathLike, require_spatial: bool = True):
-    """Read spatial transcriptomics from a Space Ranger folder or an ``.h5ad`` file (HEST samples are h5ad).
+    """Read spatial transcriptomics from a Space Ranger folder, an ``.h5ad`` file (HEST samples are h5ad) or a legacy
+    Spatial Transcriptomics section (its folder or ``<id>.tsv(.gz)`` counts next to ``<id>_selection.tsv``).
 
     Args:
-        path: Space Ranger ``outs/`` folder or ``.h5ad`` file.
+        path: Space Ranger ``outs/`` folder, ``.h5ad`` file or legacy ST section.
         require_spatial: refuse an ``.h5ad`` file without ``obsm["spatial"]`` (see :func:`read_h5ad`).
     """
+    from bundle.io.legacy_st import read_legacy_st
+
     path = Path(path)
+    if legacy_st_files(path) is not None:
+        return read_legacy_st(path)
     if path.is_dir():
         return read_spaceranger(path)
     if path.suffix.lower() == ".h5ad":
         return read_h5ad(path, require_spatial=require_spatial)
-    raise ValueError(f"Cannot read {str(path)!r}: st_path must be a Space Ranger folder or an .h5ad file.")
+    raise ValueError(
+        f"Cannot read {str(path)!r}: st_path must be a Space Ranger folder, an .h5ad file or a legacy ST section "
+        "(<id>.tsv.gz with <id>_selection.tsv beside it)."
+    )
+
+
+def technology_name(adata) -> str | None:
+    """The spot technology an AnnData records (``uns["technology"]``, set for legacy ST sections), or None."""
+    value = adata.uns.get("technology")
+    return str(value) if isinstance(value, str) else None
 
 
 def read_hest_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -352,6 +374,9 @@ def spot_table(adata) -> dict[str, np.ndarray]:
     if "array_row" in obs and "array_col" in obs:
         table["array_row"] = np.asarray(obs["array_row"], dtype=int)
         table["array_col"] = np.asarray(obs["array_col"], dtype=int)
+        fit = "array_row_fit" in obs and "array_col_fit" in obs
+        table["array_row_fit"] = np.asarray(obs["array_row_fit" if fit else "array_row"], dtype=np.float64)
+        table["array_col_fit"] = np.asarray(obs["array_col_fit" if fit else "array_col"], dtype=np.float64)
     return table
 
 
@@ -470,7 +495,14 @@ def _anndata_sample(adata: Any, path: Path) -> str:
 
 
 def _read_anndata_spots(
-    adata: Any, genes: list[str], target_sum: float, layer: str | None, normalized: bool, mpp: float | None, what: str
+    adata: Any,
+    genes: list[str],
+    target_sum: float,
+    layer: str | None,
+    normalized: bool,
+    mpp: float | None,
+    what: str,
+    technology: str | None = None,
 ) -> tuple[list[str], np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Ids, expression, neighbours and positions of an AnnData from Space Ranger or an h5ad file."""
     from scipy import sparse
@@ -500,25 +532,37 @@ def _read_anndata_spots(
         counts, all_genes = get_counts(adata, layer, name=what)
         columns = _panel_columns(genes, all_genes, what)
         expression = log_normalize(counts[:, columns], library_sizes(counts), target_sum)
-    if mpp is None:
-        diameter_px = spot_diameter_px(adata)
-        if diameter_px:
-            mpp = VISIUM_SPOT_DIAMETER_UM / diameter_px
+    technology = get_technology(technology or technology_name(adata), what=f"{what}: technology")
+    lattice = "array_row" in adata.obs and "array_col" in adata.obs
+    if mpp is None and "spatial" in adata.obsm:
+        mpp = _estimated_mpp(adata, technology, lattice)
     positions_um = None
     if "spatial" in adata.obsm and mpp is not None:
         positions_um = _spatial_xy(adata) * float(mpp)
-    lattice = "array_row" in adata.obs and "array_col" in adata.obs
     neighbors = spot_neighbors(
         np.asarray(adata.obs["array_row"]) if lattice else None,
         np.asarray(adata.obs["array_col"]) if lattice else None,
         positions_um,
-        radius=NEIGHBOR_RADIUS_PITCHES * VISIUM_PITCH_UM,
+        radius=NEIGHBOR_RADIUS_PITCHES * technology.pitch_um,
+        technology=technology,
     )
     return ids, expression, neighbors, positions_um
 
 
+def _estimated_mpp(adata, technology: Technology, lattice: bool) -> float | None:
+    """The pixel size of ``obsm["spatial"]``: fitted from the array coordinates, else from Space Ranger's spot
+    diameter (``spot_diameter_fullres``), else None."""
+    if lattice:
+        table = spot_table(adata)
+        fit = fit_pixel_size(table["array_row_fit"], table["array_col_fit"], table["x"], table["y"], technology)
+        if fit is not None:
+            return fit.mpp
+    diameter_px = spot_diameter_px(adata)
+    return SPACERANGER_DIAMETER_FULLRES_UM / diameter_px if diameter_px else None
+
+
 def _read_csv_spots(
-    path: Path, genes: list[str], target_sum: float, normalized: bool, what: str
+    path: Path, genes: list[str], target_sum: float, normalized: bool, what: str, technology: str | None = None
 ) -> tuple[list[str], np.ndarray, np.ndarray | None, np.ndarray | None, str | None]:
     """Ids, expression, neighbours, positions and sample of a CSV/TSV with one spot a row and one gene a column."""
     import pandas as pd
@@ -539,6 +583,7 @@ def _read_csv_spots(
     else:
         ids = _unique_ids(table[id_column].tolist(), what)
     meta = {c: table[c] for c in CSV_META_COLUMNS if c in columns}
+    lattice_of = get_technology(technology, what=f"{what}: technology")
     if "in_tissue" in meta and (meta["in_tissue"].to_numpy() == 0).any():
         keep = meta["in_tissue"].to_numpy() != 0
         logger.info(f"{what}: using the {int(keep.sum())} of {len(table)} spots with in_tissue != 0.")
@@ -578,7 +623,8 @@ def _read_csv_spots(
         meta["array_row"].to_numpy() if lattice else None,
         meta["array_col"].to_numpy() if lattice else None,
         positions_um,
-        radius=NEIGHBOR_RADIUS_PITCHES * VISIUM_PITCH_UM,
+        radius=NEIGHBOR_RADIUS_PITCHES * lattice_of.pitch_um,
+        technology=lattice_of,
     )
     samples = meta["sample"].astype(str).unique().tolist() if "sample" in meta else []
     if len(samples) > 1:
@@ -594,6 +640,7 @@ def read_spots(
     normalized: bool = False,
     mpp: float | None = None,
     sample: str | None = None,
+    technology: str | None = None,
 ) -> SpotExpression:
     """Read spots' expression and normalise it the way the model's training data was normalised.
 
@@ -620,9 +667,12 @@ def read_spots(
             ...}``).
         layer: AnnData layer to read (None: ``adata.raw`` when present, else ``X``; with ``normalized``, ``X``).
         normalized: the values are already ``log1p(normalize_total)`` with the model's target sum (used as they are).
-        mpp: micrometres per full-resolution pixel of ``obsm["spatial"]``; None derives it from the 55 um Visium
-            spot diameter in the scale factors (``spot_diameter_fullres``) when they are there.
+        mpp: micrometres per full-resolution pixel of ``obsm["spatial"]``; None fits it from the array coordinates
+            (:func:`bundle.geometry.fit_pixel_size`) or derives it from the spot diameter in Space Ranger's scale
+            factors (``spot_diameter_fullres``) when they are there.
         sample: sample name (defaults to the Space Ranger library id, the CSV's ``sample`` column or the file name).
+        technology: spot technology (:func:`bundle.geometry.get_technology`) whose lattice gives the neighbours; None:
+            legacy ST for a legacy ST section, else Visium.
 
     Returns:
         A :class:`SpotExpression`.
@@ -639,17 +689,19 @@ def read_spots(
             f"input {str(path)!r} does not exist: give a Space Ranger outs/ folder, an .h5ad file or a CSV of spots x "
             "genes."
         )
-    if path.is_dir() or path.suffix.lower() == ".h5ad":
-        what = f"{'Space Ranger folder' if path.is_dir() else 'h5ad file'} {str(path)!r}"
+    legacy = legacy_st_files(path) is not None
+    if path.is_dir() or path.suffix.lower() == ".h5ad" or legacy:
+        kind = "legacy ST section" if legacy else "Space Ranger folder" if path.is_dir() else "h5ad file"
+        what = f"{kind} {str(path)!r}"
         adata = read_st(path, require_spatial=False)
         ids, expression, neighbors, positions_um = _read_anndata_spots(
-            adata, genes, target_sum, layer, normalized, mpp, what
+            adata, genes, target_sum, layer, normalized, mpp, what, technology
         )
         default_sample = _anndata_sample(adata, path)
     elif path.suffix.lower() in (".csv", ".tsv", ".txt", ".gz"):
         what = f"CSV file {str(path)!r}"
         ids, expression, neighbors, positions_um, csv_sample = _read_csv_spots(
-            path, genes, target_sum, normalized, what
+            path, genes, target_sum, normalized, what, technology
         )
         default_sample = csv_sample or path.name.split(".")[0]
     else:

@@ -22,13 +22,13 @@ def save_image_grid(
     row_labels: Sequence[str] | None = None,
     column_labels: Sequence[str] | None = None,
     gap: int = 2,
-    rows_per_group: int = 0,
+    rows_per_group: int | Sequence[int] = 0,
 ) -> Path:
     """Save rows of ``(S, 3, H, W)`` [0, 1] patches as one PNG grid (row ``r``, column ``s``), atomically.
 
     With labels, a white margin on the left holds ``row_labels`` and one on top ``column_labels``. Rows and columns are
     ``gap`` pixels apart; with ``rows_per_group`` > 0 the rows come in groups of that many (e.g. a real row above a
-    generated one), ``2 * gap`` apart.
+    generated one), ``2 * gap`` apart; a sequence gives the size of each group in turn (groups of unequal size).
 
     Returns:
         The path written.
@@ -45,7 +45,7 @@ def save_image_grid(
     font = _label_font() if row_labels or column_labels else None
     left = max(int(font.getlength(str(t))) for t in row_labels) + 6 if row_labels else 0
     top = 14 if column_labels else 0
-    tops = [top + r * (h + gap) + (r // rows_per_group * gap if rows_per_group > 0 else 0) for r in range(len(rows))]
+    tops = [top + r * (h + gap) + group * gap for r, group in enumerate(_row_groups(len(rows), rows_per_group))]
     canvas = np.full((tops[-1] + h, left + columns * (w + gap) - gap, 3), 255, np.uint8)
     for y, images in zip(tops, rows):
         for c in range(columns):
@@ -81,6 +81,16 @@ def pair_rows(real: torch.Tensor, generated: torch.Tensor, columns: int = 8) -> 
                 row = torch.cat([row, torch.ones((padding, *row.shape[1:]), dtype=row.dtype)])
             rows.append(row)
     return rows
+
+
+def _row_groups(count: int, rows_per_group: int | Sequence[int]) -> list[int]:
+    """The group of each of ``count`` rows: groups of ``rows_per_group`` rows (0: one group), or of the given sizes."""
+    if isinstance(rows_per_group, int):
+        return [r // rows_per_group if rows_per_group > 0 else 0 for r in range(count)]
+    sizes = [int(n) for n in rows_per_group]
+    if sum(sizes) != count or min(sizes, default=1) < 1:
+        raise ValueError(f"group sizes {sizes} must be positive and add up to the {count} rows.")
+    return [g for g, n in enumerate(sizes) for _ in range(n)]
 
 
 def _label_font():
