@@ -24,6 +24,7 @@ EVAL = {
     "min_group_size": 5,
     "num_clusters": 3,
     "device": "cpu",
+    "patch_fov_um": TINY_TRAIN["patch_fov_um"],  # the dataset was prepared for the tiny training's field of view
 }
 
 
@@ -77,11 +78,13 @@ def test_recipe_prepares_trains_and_records_eight_neighbours(her2st_bundle):
 def test_recipe_generates_from_a_section_and_evaluates_the_held_out_one(her2st_bundle, her2st_root, tmp_path):
     root, recipe = her2st_bundle
     out = tmp_path / "patches"
+    sets = str(CONFIGS / "gene_sets" / "breast_cancer.json")
     run("infer", ["inference.json", "her2st.json"], bundle_root=str(root), her2st_dir=str(recipe),
-        output_dir=str(out), num_spots=3, num_inference_steps=2, device="cpu")  # fmt: skip
+        output_dir=str(out), num_spots=3, num_inference_steps=2, device="cpu", gene_sets_file=sets,
+        patch_fov_um=TINY_TRAIN["patch_fov_um"])  # fmt: skip
     assert len(list(out.rglob("*.png"))) >= 3
     run("infer", ["evaluate.json", "her2st.json"], bundle_root=str(root), her2st_dir=str(recipe),
-        gene_sets_file=str(CONFIGS / "gene_sets" / "breast_cancer.json"), **EVAL)  # fmt: skip
+        gene_sets_file=sets, **EVAL)  # fmt: skip
     metrics = json.loads((root / "outputs" / "her2st" / "eval" / "metrics.json").read_text())
     assert metrics["settings"]["split"] == "validation" and metrics["settings"]["num_spots"] == 12
     scored = set(metrics["edits"]["edits"])

@@ -136,6 +136,7 @@ def test_prepared_sections_have_estimated_pixel_size_and_square_neighbours(her2s
     assert all(len(e["neighbors"]) == 8 for e in entries)
     assert max(sum(n >= 0 for n in e["neighbors"]) for e in entries) == 8  # inner spots have all 8
     assert dataset_num_neighbors(dataset) == 8
+    assert dataset_num_neighbors(dataset / "absent") == 6  # no dataset yet: the default network (model-zoo checks)
     # the JPEGs were converted once, beside the dataset, and the datalist points at the TIFFs
     slides = {e["image"] for e in entries}
     assert all(Path(s).suffix == ".tif" and Path(s).parent == her2st_dataset / "dataset_slides" for s in slides)
@@ -315,3 +316,20 @@ def test_wrong_technology_shows_as_spots_off_the_lattice(her2st_root, tmp_path):
     with pytest.raises(ValueError, match=r"Sample 'C2': the spots do not lie on a visium array \(hex lattice"):
         prepare_dataset(write_manifest(tmp_path / "m.csv", rows), tmp_path / "out", **QUICK)
     assert_nothing_written(tmp_path)
+
+
+def test_hest_manifest_splits_by_patient(her2st_root, tmp_path):
+    from bundle.io.hest import split_patients, write_hest_manifest
+
+    hest = tmp_path / "hest"
+    for i, (section, patient) in enumerate((("C2", "Patient C"), ("C5", "Patient C"), ("C2", "Patient D"))):
+        write_hest_sample(hest, her2st_root / section, f"SPA{130 + i}", {"patient": patient})
+    splits = write_hest_manifest(hest, ["SPA130", "SPA131", "SPA132"], tmp_path / "m.csv", 0.5, 0.0, seed=1)
+    assert splits["SPA130"] == splits["SPA131"] and {splits["SPA130"], splits["SPA132"]} == {"train", "val"}
+    rows = read_manifest(tmp_path / "m.csv")  # patients kept apart: accepted with the default split_by
+    assert [r.technology for r in rows] == ["Spatial Transcriptomics"] * 3
+    assert rows[0].slide_path == (hest / "wsis" / "SPA130.tif").resolve()
+    with pytest.raises(ValueError, match=r"1 patient\(s\) cannot be split into training, 1 validation"):
+        split_patients(["P1", "P1"], 0.5, 0.0, seed=0)
+    with pytest.raises(FileNotFoundError, match=r"HEST sample 'SPA999' has no metadata file"):
+        write_hest_manifest(hest, ["SPA999"], tmp_path / "x.csv")

@@ -493,13 +493,16 @@ def summarize_section(folder: str | os.PathLike, sid: str) -> dict[str, Any]:
 
 # the genes of the recipe's edits (ERBB2 amplicon, immune, stroma), added to the selected panel
 EDIT_GENES = ("ERBB2", "GRB7", "STARD3", "PGAP3", "CD74", "PTPRC", "CD3E", "IGKC", "COL1A1", "COL1A2", "COL3A1")
+# genes that published expression-from-histology results on her2st report one by one (docs/real_data.md), added so
+# that the probe's ceiling can be put next to them gene by gene
+COMPARISON_GENES = ("GNAS", "FASN", "SCD", "MYL12B", "FN1", "CLDN4", "POSTN", "MYL9")
 # dataset preparation of the recipe (configs/her2st.json): the published sections' shallow counts and serial sections
 PREPARE_SETTINGS = {
     "n_top_genes": 256,
     "min_counts": 100,
     "min_spot_fraction": 0.1,
     "split_by": "sample",
-    "include_genes": EDIT_GENES,
+    "include_genes": EDIT_GENES + COMPARISON_GENES,
 }
 
 
@@ -508,7 +511,7 @@ def ensure_her2st_dataset(root: str | os.PathLike, fov_um: float = 128.0) -> str
 
     ``root/raw`` is what ``scripts/get_her2st.py --dest <root>/raw`` writes (downloaded, or copied with ``--local``).
     Preparation uses :data:`PREPARE_SETTINGS`: the 256 most variable genes among those detected in at least 10% of the
-    training spots, plus :data:`EDIT_GENES`; sections of one patient may be in several splits (``split_by="sample"``).
+    training spots, plus :data:`EDIT_GENES` and :data:`COMPARISON_GENES`; sections of one patient may be in several splits (``split_by="sample"``).
     A prepared dataset with another field of view is refused rather than silently reused.
     """
     from bundle.io.dataset import prepare_dataset

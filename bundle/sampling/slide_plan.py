@@ -249,7 +249,7 @@ def plan_slide(
             "tissue_distance_um."
         )
     num_neighbors = int(getattr(network, "num_neighbors", 0) or 0)
-    offsets = lattice_offsets(positions_um, neighbors, pitch) if num_neighbors else None
+    offsets = lattice_offsets(positions_um, neighbors, pitch, num_neighbors) if num_neighbors else None
     writer = dict(tile_size=tile_size, compression=compression, quality=quality, min_level_size=min_level_size)
     return SlidePlan(
         output_path, positions_um, expression, tree, num_neighbors, offsets, steps, scale, int(seed), batch_size,
