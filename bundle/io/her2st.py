@@ -511,8 +511,8 @@ def ensure_her2st_dataset(root: str | os.PathLike, fov_um: float = 128.0) -> str
 
     ``root/raw`` is what ``scripts/get_her2st.py --dest <root>/raw`` writes (downloaded, or copied with ``--local``).
     Preparation uses :data:`PREPARE_SETTINGS`: the 256 most variable genes among those detected in at least 10% of the
-    training spots, plus :data:`EDIT_GENES` and :data:`COMPARISON_GENES`; sections of one patient may be in several splits (``split_by="sample"``).
-    A prepared dataset with another field of view is refused rather than silently reused.
+    training spots, plus :data:`EDIT_GENES` and :data:`COMPARISON_GENES`; sections of one patient may be in several
+    splits (``split_by="sample"``). A prepared dataset with another field of view is refused rather than silently reused.
     """
     from bundle.io.dataset import prepare_dataset
     from bundle.utils import read_json

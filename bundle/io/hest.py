@@ -59,9 +59,9 @@ def split_patients(patients: Sequence[str], val_fraction: float, test_fraction: 
         raise ValueError(
             f"{len(unique)} patient(s) cannot be split into training, {n_val} validation and {n_test} test patients."
         )
-    splits = {p: "val" for p in unique[:n_val]}
-    splits.update({p: "test" for p in unique[n_val : n_val + n_test]})
-    splits.update({p: "train" for p in unique[n_val + n_test :]})
+    splits = dict.fromkeys(unique[:n_val], "val")
+    splits.update(dict.fromkeys(unique[n_val : n_val + n_test], "test"))
+    splits.update(dict.fromkeys(unique[n_val + n_test :], "train"))
     return splits
 
 
