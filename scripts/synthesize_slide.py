@@ -36,9 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="config files, later ones override earlier ones (default: configs/inference.json configs/demo.json)",
     )
-    parser.add_argument("--model-path", default=str(ROOT / "models" / "model.pt"), help="models/model.pt")
+    parser.add_argument("--model-path", default=None, help="model checkpoint (default: the configs' model_path)")
     parser.add_argument(
-        "--autoencoder-path", default=str(ROOT / "models" / "autoencoder.pt"), help="models/autoencoder.pt"
+        "--autoencoder-path", default=None, help="autoencoder checkpoint (default: the configs' autoencoder_path)"
     )
     source = parser.add_argument_group("spots (one of)")
     source.add_argument("--dataset", help="prepared dataset folder (datalist.json, expression.npy, gene_panel.json)")
