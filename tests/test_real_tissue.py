@@ -333,3 +333,18 @@ def test_hest_manifest_splits_by_patient(her2st_root, tmp_path):
         split_patients(["P1", "P1"], 0.5, 0.0, seed=0)
     with pytest.raises(FileNotFoundError, match=r"HEST sample 'SPA999' has no metadata file"):
         write_hest_manifest(hest, ["SPA999"], tmp_path / "x.csv")
+
+
+def test_min_spot_fraction_out_of_range_or_too_strict_is_refused(her2st_root, tmp_path):
+    manifest = write_manifest(tmp_path / "m.csv", her2st_rows(her2st_root))
+    with pytest.raises(ValueError, match=r"min_spot_fraction must be a share in \[0, 1\), got 1.5"):
+        prepare_dataset(manifest, tmp_path / "a", **{**QUICK, "min_spot_fraction": 1.5})
+    with pytest.raises(ValueError, match=r"only \d+ genes are detected in at least 99% of the training spots"):
+        prepare_dataset(manifest, tmp_path / "b", **{**QUICK, "n_top_genes": 2000, "min_spot_fraction": 0.99})
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_lattice_offsets_refuse_neighbours_of_another_lattice():
+    positions = np.zeros((3, 2))
+    with pytest.raises(ValueError, match=r"neighbors must be \(3, 8\) indices"):
+        lattice_offsets(positions, np.full((3, 6), -1), pitch_um=200.0, num_neighbors=8)
