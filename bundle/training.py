@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,6 +41,22 @@ def ensure_demo_dataset(
         make_demo_dataset(raw, num_slides=num_slides, seed=seed, overwrite=raw.exists())
     prepare_dataset(manifest, dataset, fov_um=fov_um, n_top_genes=n_top_genes, overwrite=True, verbose=True)
     return str(dataset)
+
+
+def validation_subset(datalist: Sequence[dict], num_spots: int | None, seed: int = 0) -> list[dict]:
+    """A fixed, seeded subset of ``num_spots`` validation entries, in their datalist order (all when ``num_spots`` is
+    None, 0 or at least the list's length).
+
+    Every validation pass reads the same spots, so a real cohort's thousands of validation spots (each a patch read and
+    encoded per pass) do not make validation cost more than training; the evaluation config scores all of them.
+    """
+    datalist = list(datalist)
+    if num_spots is not None and int(num_spots) < 0:
+        raise ValueError(f"num_val_spots must be None or 0 (every spot) or a positive number, got {num_spots}.")
+    if not num_spots or int(num_spots) >= len(datalist):
+        return datalist
+    chosen = np.sort(np.random.default_rng(seed).choice(len(datalist), size=int(num_spots), replace=False))
+    return [datalist[i] for i in chosen]
 
 
 def fixed_batch(dataset, num: int, keys: Sequence[str] = ("image", "expression")) -> dict[str, torch.Tensor]:

@@ -39,7 +39,14 @@ def run_bundle(*config_names: str, run_id: str = "run", check: bool = False, **o
 @pytest.fixture(scope="module")
 def trained_bundle(demo_dataset, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bundle")
-    run_bundle("train.json", run_id="training", bundle_root=str(root), dataset_dir=str(demo_dataset), **TINY_TRAIN)
+    run_bundle(
+        "train.json",
+        run_id="training",
+        bundle_root=str(root),
+        dataset_dir=str(demo_dataset),
+        num_val_spots=12,  # a fixed, seeded subset of the validation spots
+        **TINY_TRAIN,
+    )
     return root
 
 
@@ -74,6 +81,7 @@ def test_mlflow_run_has_params_metrics_and_grids(trained_bundle):
     assert any(name.endswith("_autoencoder") for name in runs)
     assert float(diffusion.data.params["p_uncond"]) == pytest.approx(0.1)
     assert float(diffusion.data.params["scale_factor"]) > 0
+    assert diffusion.data.params["num_val_spots"] == "12"  # validation passes read the seeded subset
     assert "EPCAM" in diffusion.data.params["gene_panel"] or len(diffusion.data.params["gene_panel"]) > 0
     assert "train_loss" in diffusion.data.metrics and "val_loss" in diffusion.data.metrics
     artifacts = [a.path for a in client.list_artifacts(diffusion.info.run_id, "samples")]
@@ -117,3 +125,17 @@ def test_resume_refuses_another_gene_panel(trained_bundle, demo_dataset, tmp_pat
         )
     cause = excinfo.value.__cause__
     assert isinstance(cause, ValueError) and "missing ['" in str(cause) and "unexpected ['NOTAGENE']" in str(cause)
+
+
+def test_validation_subset_is_fixed_seeded_and_ordered():
+    from bundle.training import validation_subset
+
+    entries = [{"barcode": str(i)} for i in range(10)]
+    subset = validation_subset(entries, 4, seed=3)
+    assert len(subset) == 4 and subset == validation_subset(entries, 4, seed=3)  # the same spots every pass
+    assert [int(e["barcode"]) for e in subset] == sorted(int(e["barcode"]) for e in subset)  # datalist order
+    assert subset != validation_subset(entries, 4, seed=4)
+    assert validation_subset(entries, None) == entries and validation_subset(entries, 0) == entries
+    assert validation_subset(entries, 50) == entries
+    with pytest.raises(ValueError, match="num_val_spots must be None or 0"):
+        validation_subset(entries, -1)
