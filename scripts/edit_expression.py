@@ -106,7 +106,7 @@ def describe(args, config, output: Path, labels, images, spots, rows, seeds, eff
         "scheduler": str(config.get_parsed_content("scheduler")).lower(),
         "model_path": str(Path(config.get_parsed_content("model_path")).resolve()),
         "input": str(Path(spots.source).resolve()),
-        "gene_sets": args.gene_sets,
+        "gene_sets": config.get_parsed_content("gene_sets_file"),
     }
 
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
     from bundle.sampling.edit_grid import edit_effects, edited_genes, generate_variants, parse_edit_rows, row_labels
     from bundle.sampling.edits import apply_edits
-    from bundle.sampling.generation import build_conditions, load_gene_sets, select_spots, spot_seeds
+    from bundle.sampling.generation import build_conditions, select_spots, spot_seeds
     from bundle.sampling.grids import save_image_grid
     from bundle.utils import write_json_atomic
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     config = read_config(args)
     # check the edits against the panel before loading anything large
     genes = list(config.get_parsed_content("model_info")["gene_panel"])
-    gene_sets = load_gene_sets(args.gene_sets)
+    gene_sets = config.get_parsed_content("gene_sets")  # --gene-sets, else the configs' gene_sets_file
     edit_rows = parse_edit_rows(args.edit)
     touched = edited_genes(edit_rows, genes, gene_sets)
 
