@@ -5,11 +5,16 @@ a patch from the spot's expression (seed ``seed + index of the spot in the split
 spot, then scores realism, biological fidelity, compartment agreement and edit directionality, and writes
 ``metrics.json``, ``report.html``, ``per_gene.csv``, ``real_vs_generated.png`` and an MLflow run. Its settings come
 grouped (:mod:`bundle.evaluation.settings`).
+
+Under ``torchrun`` (``configs/multi_gpu_evaluate.json``) every rank reads the spots and generates its share of the
+batches (the evaluated patches first, then the edited ones); rank 0 gathers them and alone scores and writes the
+outputs, while the other ranks return once their patches are handed over.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -20,8 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from bundle.distributed import rank
 from bundle.evaluation.compartments import compartment_agreement
-from bundle.evaluation.edits import edit_directionality, usable_edits
+from bundle.evaluation.edits import _edited_conditions, edit_directionality, usable_edits
 from bundle.evaluation.fidelity import probe_scores, write_per_gene_table
 from bundle.evaluation.figure import write_real_vs_generated
 from bundle.evaluation.generation import Generator, cached_array, generate_patches, generated_size, key_hash
@@ -81,6 +87,18 @@ class EvaluationSpots:
     train_expression: np.ndarray
     train_labels: list[str]
     train_images: np.ndarray | None = None
+
+
+@dataclass
+class _EditPlan:
+    """The edits scored for directionality (``scored``: ``num_edit_spots``, ``edits``, ``edits_dropped`` for the
+    settings record), the spots they are scored on (``pick``, None when none) and their generated patches (None on
+    ranks other than 0)."""
+
+    scored: dict[str, Any]
+    gene_sets: Mapping[str, Any] | None = None
+    pick: np.ndarray | None = None
+    patches: dict[str, np.ndarray | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -202,14 +220,15 @@ def _patch_cache(
 
 def _generate_evaluated(
     generator: Generator, spots: EvaluationSpots, generation: GenerationSettings, cache: Callable
-) -> tuple[np.ndarray, bool]:
-    """The generated patches of the evaluated spots (from the cache when there) and whether they came from it."""
+) -> tuple[np.ndarray | None, bool]:
+    """The generated patches of the evaluated spots (from the cache when there) and whether they came from it; the
+    patches are None on ranks other than 0 under torchrun."""
     generated, cached = cache(
         spots.split,
         {"what": spots.split},
-        lambda: generate_patches(generator, spots.conditions, spots.seeds, generation.batch_size),
+        lambda: generate_patches(generator, spots.conditions, spots.seeds, generation.batch_size, sharded=True),
     )
-    if generated.shape != spots.real.shape:
+    if generated is not None and generated.shape != spots.real.shape:
         raise ValueError(
             f"generated patches {generated.shape[1:]} and real patches {spots.real.shape[1:]} differ; set patch_size "
             "to the size the model generates."
@@ -313,19 +332,12 @@ def _score_probe(
     return fidelity, compartments, captions
 
 
-def _score_edits(
-    generator: Generator,
-    probe: Probe,
-    spots: EvaluationSpots,
-    generated: np.ndarray,
-    settings: EditSettings,
-    batch_size: int,
-    cache: Callable,
-    seed: int,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Directionality of the edits that touch the panel on a seeded choice of the spots, and what was scored
-    (``num_edit_spots``, ``edits``, ``edits_dropped`` for the settings record)."""
-    from bundle.sampling.edits import parse_edit, resolve_edit
+def _generate_edits(
+    generator: Generator, spots: EvaluationSpots, settings: EditSettings, batch_size: int, cache: Callable, seed: int
+) -> _EditPlan:
+    """The edits that touch the panel, a seeded choice of the spots, and each edit's patches of those spots (cached),
+    for every edit that changes a chosen spot's condition: the patches :func:`edit_directionality` would generate."""
+    from bundle.sampling.edits import parse_edit
 
     edits = list(settings.edits or [])
     kept = usable_edits(edits, spots.genes, settings.gene_sets) if edits else []
@@ -334,30 +346,50 @@ def _score_edits(
         "edits": kept,
         "edits_dropped": [e for e in edits if e not in kept],
     }
+    plan = _EditPlan(scored, settings.gene_sets)
     if not (kept and settings.num_spots):
-        return scored, {}
-    pick = np.sort(np.random.default_rng(seed + 1).permutation(len(spots.entries))[: int(settings.num_spots)])
-    # the edited genes belong to the cache key: one edit name means other genes with another gene-set file
-    edited = {e: [spots.genes[i] for i in resolve_edit(parse_edit(e), spots.genes, settings.gene_sets)] for e in kept}
+        return plan
+    plan.pick = np.sort(np.random.default_rng(seed + 1).permutation(len(spots.entries))[: int(settings.num_spots)])
+    conditions = np.asarray(spots.conditions[plan.pick], np.float32)
+    seeds = [spots.seeds[i] for i in plan.pick]
+    for name in kept:
+        edited, idx, _, keep = _edited_conditions(
+            parse_edit(name), conditions, spots.expression[plan.pick], spots.genes, settings.gene_sets
+        )
+        if not keep.any():
+            continue  # no chosen spot changes: the edit is reported unscored, nothing is generated
+        # the edited genes belong to the cache key: one edit name means other genes with another gene-set file
+        key = {"what": f"edit {name}", "pick": plan.pick.tolist(), "edited_genes": [spots.genes[i] for i in idx]}
+        compute = functools.partial(
+            generate_patches, generator, edited, seeds, batch_size, f"edit {name}", sharded=True
+        )
+        plan.patches[name] = cache(f"edit_{name}", key, compute)[0]
+    return plan
 
-    def edit_cache(name: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
-        key = {"what": f"edit {name}", "pick": pick.tolist(), "edited_genes": edited.get(name)}
-        return cache(f"edit_{name}", key, compute)[0]
 
-    result = edit_directionality(
+def _score_edits(
+    generator: Generator, probe: Probe, spots: EvaluationSpots, generated: np.ndarray, plan: _EditPlan, batch_size: int
+) -> dict[str, Any]:
+    """Directionality of the planned edits (:func:`_generate_edits`) on their spots, from their generated patches."""
+    if plan.pick is None:
+        return {}
+
+    def generated_edit(name: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        return plan.patches[name] if name in plan.patches else compute()
+
+    return edit_directionality(
         generator,
         probe,
-        spots.conditions[pick],
-        spots.expression[pick],
+        spots.conditions[plan.pick],
+        spots.expression[plan.pick],
         spots.genes,
-        kept,
-        [spots.seeds[i] for i in pick],
-        generated[pick],
+        plan.scored["edits"],
+        [spots.seeds[i] for i in plan.pick],
+        generated[plan.pick],
         batch_size,
-        edit_cache,
-        settings.gene_sets,
+        generated_edit,
+        plan.gene_sets,
     )
-    return scored, result
 
 
 def _settings_record(
@@ -488,7 +520,8 @@ def evaluate(
         device: device of the probe and feature extractors.
 
     Returns:
-        the metrics dictionary (also in ``<output_dir>/metrics.json``).
+        the metrics dictionary (also in ``<output_dir>/metrics.json``); under torchrun, an empty dictionary on ranks
+        other than 0.
     """
     generation, probe = generation or GenerationSettings(), probe or ProbeSettings()
     realism, edits = realism or RealismSettings(), edits or EditSettings()
@@ -501,6 +534,11 @@ def evaluate(
     cache = _patch_cache(spots, generation, output_dir)
     generated, cached = _generate_evaluated(generator, spots, generation, cache)
     laps("generate")
+    edit_plan = _generate_edits(generator, spots, edits, generation.batch_size, cache, seed)
+    laps("generate_edits")
+    if rank() != 0:  # no collective follows: the other ranks need not wait for rank 0's scoring
+        logger.info("rank %d: its patches are handed to rank 0, which scores them and writes the outputs", rank())
+        return {}
     realism_result = _score_realism(spots, generated, extractors, realism, data, output_dir, seed)
     laps("realism")
     trained = _fit_probe(
@@ -509,9 +547,7 @@ def evaluate(
     laps("train_probe")
     fidelity, compartments, captions = _score_probe(trained, spots, generated, probe, seed)
     laps("fidelity")
-    edits_scored, edit_result = _score_edits(
-        generator, trained, spots, generated, edits, generation.batch_size, cache, seed
-    )
+    edit_result = _score_edits(generator, trained, spots, generated, edit_plan, generation.batch_size)
     laps("edits")
     run = {
         "probe_type": trained.kind,
@@ -523,7 +559,7 @@ def evaluate(
         "device": str(device),
         **jsonable(dict(output.record or {})),
     }
-    record = _settings_record(generator, spots, data, output_dir, seed, edits_scored, run)
+    record = _settings_record(generator, spots, data, output_dir, seed, edit_plan.scored, run)
     metrics: dict[str, Any] = {
         "settings": record,
         "realism": realism_result,

@@ -6,6 +6,10 @@ makes one dictionary per spot (condition with neighbours, seed), :class:`Pipelin
 :class:`~bundle.sampling.pipeline.ExpressionToTissuePipeline` of :func:`load_pipeline` with one seeded generator per
 spot, and :class:`PatchWriter` writes the PNGs and ``manifest.csv`` into a staging folder that becomes the output
 folder only when everything is written. :func:`read_inference_config` merges the configs for the scripts.
+
+Under ``torchrun`` (``configs/multi_gpu_inference.json``), :func:`shard_datalist` gives each rank its batches of spots,
+every :class:`PatchWriter` writes into rank 0's staging folder, and rank 0 writes the one manifest and commits the folder
+once every rank has finished (:func:`run_generation` also lets a rank without spots take part).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from monai.inferers import Inferer
 from torch import nn
 
+from bundle.distributed import broadcast_object, gather_objects, rank, rank0_first, shard, world_size
 from bundle.io.spots import SpotExpression
 from bundle.sampling.grids import to_uint8
 from bundle.sampling.pipeline import ExpressionToTissuePipeline, seeded_generators
@@ -288,12 +293,24 @@ def spot_datalist(
     return items
 
 
+def shard_datalist(items: Sequence[Mapping[str, Any]], block: int = 1) -> list[dict[str, Any]]:
+    """This rank's share of :func:`spot_datalist` under ``torchrun``; all of it in a single process.
+
+    Blocks of ``block`` spots (the batch size) are dealt round-robin (:func:`bundle.distributed.shard`), so each rank runs
+    exactly the batches one process would run, with the same per-spot seeds. Each item gets ``position``, its place in
+    ``items``: :class:`PatchWriter` writes the manifest rows of all ranks in that order. A rank may get no spot (more
+    ranks than batches); :func:`run_generation` lets it still take its part in the writing.
+    """
+    return [{**items[i], "position": i} for i in shard(len(items), block=block)]
+
+
 def default_input(demo_dir: str | os.PathLike, fov_um: float = 128.0) -> str:
-    """The demo study's validation sample (its Space Ranger folder), generating the demo study on first use."""
+    """The demo study's validation sample (its Space Ranger folder), generating the demo study on first use (by rank 0
+    first under torchrun: every rank must call it)."""
     from bundle.io.dataset import read_manifest
     from bundle.training import ensure_demo_dataset
 
-    ensure_demo_dataset(demo_dir, fov_um=fov_um)
+    rank0_first(ensure_demo_dataset, demo_dir, fov_um=fov_um)
     rows = read_manifest(Path(demo_dir) / "raw" / "manifest.csv")
     row = next((r for r in rows if r.split == "val"), rows[-1])
     logger.info(f"no --input given: generating for the demo study's validation sample {row.sample_id} ({row.st_path}).")
@@ -382,6 +399,12 @@ class PatchWriter:
     (guidance scale, steps, scheduler, checkpoint paths, ...). ``generation.json`` records the same settings for the
     whole run.
 
+    With a process group of several ranks (``configs/multi_gpu_inference.json``), the writers of all ranks act as one:
+    rank 0 checks ``output_dir`` and makes the staging folder, every rank writes its PNGs into it, and at the end rank
+    0 gathers the manifest rows (ordered by the ``position`` :func:`shard_datalist` gives each spot), writes the
+    manifest and renames the folder. When any rank fails, rank 0 deletes the staging folder and every rank raises: the
+    ``output_dir`` is untouched. Only rank 0 shows a progress bar.
+
     Args:
         output_dir: folder to create.
         metadata: run settings added to every manifest row and to ``generation.json``.
@@ -402,6 +425,8 @@ class PatchWriter:
         self.staging: Path | None = None
         self._stage = None  # the bundle.utils.StagingDir behind ``staging``
         self.rows: list[dict[str, Any]] = []
+        self._positions: list[int | None] = []  # each row's place among all ranks' spots (see shard_datalist)
+        self._joined = False  # True while the ranks share rank 0's staging folder (the last collective is pending)
         self._bar = None
         self._start = 0.0
 
@@ -427,17 +452,40 @@ class PatchWriter:
             )
 
     def started(self, engine) -> None:
-        self.check_output_dir()
-        # stale staging folders of killed runs are removed (and logged); an ordinary folder (umask permissions)
-        self._stage = StagingDir(self.output_dir, "generation output_dir")
-        self.staging = self._stage.create()
-        self.rows = []
+        self.rows, self._positions, self._joined = [], [], False
         self._start = time.perf_counter()
+        if world_size() > 1:
+            self._share_staging()
+        else:
+            self.staging = self._create_staging()
         total = len(getattr(engine.data_loader, "dataset", []) or []) or None
-        if self.progress:
+        if self.progress and rank() == 0:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total, desc="generating", unit="spot")
+
+    def _create_staging(self) -> Path:
+        self.check_output_dir()
+        # stale staging folders of killed runs are removed (and logged); an ordinary folder (umask permissions)
+        self._stage = StagingDir(self.output_dir, "generation output_dir")
+        return self._stage.create()
+
+    def _share_staging(self) -> None:
+        """Rank 0 makes the staging folder and tells every rank where it is (or why it could not)."""
+        path, error = None, None
+        if rank() == 0:
+            try:
+                path = str(self._create_staging())
+            except Exception as err:  # the other ranks wait in the broadcast below: tell them
+                error = err
+        path, message = broadcast_object((path, None if error is None else f"{type(error).__name__}: {error}"))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise RuntimeError(
+                f"rank 0 could not prepare the generation output_dir {str(self.output_dir)!r}: {message}"
+            )
+        self.staging, self._joined = Path(path), True
 
     def write(self, engine) -> None:
         from PIL import Image
@@ -459,41 +507,119 @@ class PatchWriter:
                 "edits": str(batch["edits"][i]),
             }
             self.rows.append({**row, **self.metadata})
+            self._positions.append(int(batch["position"][i]) if "position" in batch else None)
         if self._bar is not None:
             self._bar.update(images.shape[0])
 
     def completed(self, engine) -> None:
         self._close_bar()
+        if self._joined:
+            self._finish_shared(engine, None)
+            return
+        self._write_manifest(engine, self.rows)
+
+    def _write_manifest(self, engine, rows: list[dict[str, Any]]) -> None:
+        """Write ``manifest.csv`` and ``generation.json`` into the staging folder and rename it to ``output_dir``."""
         columns = list(MANIFEST_SPOT_COLUMNS) + [k for k in self.metadata if k not in MANIFEST_SPOT_COLUMNS]
         # plain writes: nothing in the staging folder is visible under output_dir before the rename below
         with (self.staging / "manifest.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
-            writer.writerows(self.rows)
+            writer.writerows(rows)
         seconds = time.perf_counter() - self._start
-        summary = {**jsonable(self.metadata), "num_patches": len(self.rows), "seconds": round(seconds, 2)}
+        summary = {**jsonable(self.metadata), "num_patches": len(rows), "seconds": round(seconds, 2)}
+        if world_size() > 1:
+            summary["world_size"] = world_size()
         (self.staging / "generation.json").write_text(json.dumps(summary, indent=2) + "\n")
         self._stage.commit()
         self._stage, self.staging = None, None
         engine.logger.info(
-            f"wrote {len(self.rows)} patches and manifest.csv to {self.output_dir} in {seconds:.1f} s "
-            f"({seconds / max(1, len(self.rows)):.2f} s per patch)."
+            f"wrote {len(rows)} patches and manifest.csv to {self.output_dir} in {seconds:.1f} s "
+            f"({seconds / max(1, len(rows)):.2f} s per patch)."
         )
+
+    def _finish_shared(self, engine, error: BaseException | None) -> None:
+        """The ranks' last collective: rank 0 gathers every rank's rows (or failure), writes the manifest and commits,
+        or deletes the staging folder when a rank failed; then tells the others. Raises on ranks other than the
+        failing one when nothing was committed (the failing rank re-raises its own error)."""
+        self._joined = False
+        failure = None if error is None else f"{type(error).__name__}: {error}"
+        parts = gather_objects({"rows": self.rows, "positions": self._positions, "error": failure})
+        own_error, outcome = None, None
+        if parts is not None:
+            try:
+                failed = {r: part["error"] for r, part in enumerate(parts) if part["error"]}
+                if failed:
+                    raise RuntimeError(
+                        f"generation failed on rank(s) {failed}; nothing was written to {self.output_dir}."
+                    )
+                self._write_manifest(engine, merge_rank_rows(parts))
+            except Exception as err:  # the other ranks wait in the broadcast below: tell them
+                self._discard()
+                own_error, outcome = err, f"{type(err).__name__}: {err}"
+        outcome = broadcast_object(outcome)
+        self.staging = None
+        if error is not None:
+            return
+        if own_error is not None:
+            raise own_error
+        if outcome is not None:
+            raise RuntimeError(f"rank 0 did not write the generation output_dir {str(self.output_dir)!r}: {outcome}")
 
     def exception_raised(self, engine, error: BaseException) -> None:
         """Delete the staging folder and re-raise (ignite only re-raises when no handler is registered); a full disk
-        is re-raised naming ``output_dir``."""
+        is re-raised naming ``output_dir``. Under torchrun the other ranks learn of the failure and commit nothing."""
         self._close_bar()
+        if self._joined:
+            self._finish_shared(engine, error)
+        self._discard()
+        with no_space_errors(self.output_dir, "the generation output_dir"):
+            raise error
+
+    def _discard(self) -> None:
         if self._stage is not None:
             self._stage.discard()
             self._stage, self.staging = None, None
-        with no_space_errors(self.output_dir, "the generation output_dir"):
-            raise error
 
     def _close_bar(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def merge_rank_rows(parts: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The manifest rows of all ranks (``parts[r]``: ``{"rows": [...], "positions": [...]}``) in the order of their
+    ``position`` (:func:`shard_datalist`), i.e. the order one process writes them.
+
+    Raises:
+        ValueError: when rows carry no position (the datalist was not sharded) or a position comes twice.
+    """
+    pairs = [(position, row) for part in parts for position, row in zip(part["positions"], part["rows"])]
+    if any(position is None for position, _ in pairs):
+        raise ValueError(
+            "the ranks' spots carry no 'position': the datalist was not sharded with "
+            "bundle.sampling.generation.shard_datalist, so every rank would write every spot; run with "
+            "configs/multi_gpu_inference.json layered last."
+        )
+    positions = [position for position, _ in pairs]
+    if len(set(positions)) != len(positions):
+        raise ValueError("several ranks generated the same spot; shard the datalist once (shard_datalist).")
+    return [row for _, row in sorted(pairs, key=lambda pair: pair[0])]
+
+
+def run_generation(evaluator, handlers: Sequence[Any] = ()) -> None:
+    """``evaluator.run()``, except on a rank whose share of the spots is empty (more ranks than batches), where MONAI
+    would skip the run: there the :class:`PatchWriter` handlers still take their part in the ranks' shared writing."""
+    if len(evaluator.data_loader) > 0:
+        evaluator.run()
+        return
+    logger.info(f"rank {rank()} of {world_size()} has no spot to generate (more ranks than batches); it only joins.")
+    for writer in [h for h in handlers if isinstance(h, PatchWriter)]:
+        try:
+            writer.started(evaluator)
+            writer.completed(evaluator)
+        except Exception as error:
+            writer.exception_raised(evaluator, error)
 
 
 def _number(value: Any) -> float | str:

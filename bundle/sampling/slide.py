@@ -43,7 +43,7 @@ import numpy as np
 
 from bundle.io.tiff import pyramid_level_shapes, write_pyramidal_tiff_streamed
 from bundle.sampling.seams import STRIP_ROWS, SeamStatistics
-from bundle.sampling.slide_plan import SlidePlan, plan_slide
+from bundle.sampling.slide_plan import SlidePlan, _check_output_path, plan_slide
 from bundle.utils import memmap_array
 
 logger = logging.getLogger(__name__)
@@ -271,6 +271,17 @@ def synthesize_slide(
         "blended" if plan.blend else "naive tiling", timings["total"],
     )  # fmt: skip
     return _summary(plan, score, timings, memory_mb)
+
+
+def check_slide_outputs(paths: Sequence[str | os.PathLike]) -> None:
+    """Fail before any slide is synthesised when one of several output paths cannot be written (missing folder, a
+    folder, no rights; as :func:`synthesize_slide` checks each) or a path comes twice."""
+    seen: set[Path] = set()
+    for path in map(Path, paths):
+        if path.resolve() in seen:
+            raise ValueError(f"output_path {str(path)!r} is given for two slides; give each slide its own file.")
+        seen.add(path.resolve())
+        _check_output_path(path)
 
 
 def _log_plan(plan: SlidePlan) -> None:
