@@ -37,7 +37,9 @@ class LoadWSIPatch(Transform):
     The pyramid level is the coarsest one that is at least as fine as the requested pixel size
     (``fov_um / size``); the region read there is resized (antialiased) to ``size``. Regions past the slide's
     border are filled with ``fill_value``. Opened slides are kept (up to ``max_open_slides``) and reused, per
-    process: each DataLoader worker holds its own handles, which are never pickled.
+    process: each DataLoader worker holds its own handles, which are never pickled, and a worker forked after the
+    main process opened a slide reopens it instead of reading through the inherited handle (a forked file handle
+    shares its file position with the parent, so concurrent reads through it return another read's bytes).
 
     Args:
         fov_um: field of view ``(height, width)`` in micrometres (one number for a square).
@@ -70,6 +72,7 @@ class LoadWSIPatch(Transform):
         self.max_open_slides = max_open_slides
         self._reader = None
         self._slides: OrderedDict[str, tuple] = OrderedDict()
+        self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -83,6 +86,8 @@ class LoadWSIPatch(Transform):
         return self._reader
 
     def _slide(self, path: str) -> tuple:
+        if self._pid != os.getpid():  # forked: the inherited handles belong to the parent; drop them, unclosed
+            self._reader, self._slides, self._pid = None, OrderedDict(), os.getpid()
         if path in self._slides:
             self._slides.move_to_end(path)
             return self._slides[path]
