@@ -12,7 +12,7 @@ Run once on a CUDA machine (about 6-8 minutes on one H100/H200, no network), it 
    ``SupervisedTrainer`` calls ``prepare_batch``), noise and v-target, forward under autocast, MSE, backward, gradient
    clipping, AdamW. FLOPs of the UNet's forward + backward are counted once with ``torch.utils.flop_counter``;
    MFU = those FLOPs per second over the peak. Peak memory is ``torch.cuda.max_memory_allocated``.
-3. **Speed levers**, cumulative, at batch 16 with the MONAI UNet: the current path; + cached latents (no encode in the
+3. **Speed levers**, cumulative, at batch 16 with the MONAI UNet: the 0.5.0 path; + cached latents (no encode in the
    step); + fused AdamW; + scaled-dot-product (flash) attention (``use_flash_attention``); + ``channels_last``;
    + ``torch.compile`` (compile time reported separately; run last, only if the time budget allows).
 4. **Stage-1 training**: the bundle's real ``SupervisedTrainer`` + ``AutoencoderKLIteration`` (default

@@ -25,7 +25,7 @@ DATASHEET_BF16_TFLOPS = (
 )
 
 LEVERS = (
-    ("current path (encode every step, AdamW foreach, math attention)", {}),
+    ("0.5.0 path (encode every step, AdamW foreach, math attention)", {}),
     ("+ cached latents", {"cached_latents": True}),
     ("+ fused AdamW", {"fused_adamw": True}),
     ("+ SDPA / flash attention", {"flash_attention": True}),

@@ -216,8 +216,9 @@ def test_without_decollate_from_engine_gives_a_tuple():
 
 
 @pytest.mark.filterwarnings("ignore:.*GradScaler:FutureWarning", "ignore:.*CUDA is not available:UserWarning")
-def test_amp_on_cpu_runs_in_float32():
-    """The GPU config sets amp=True; on the CPU the step must still run (in float32) and learn."""
+def test_amp_on_cpu_learns_with_float32_outputs():
+    """The trainer's amp=True on the CPU: the step runs under bf16 autocast (tests/test_bf16.py), learns, and returns
+    float32 reconstructions."""
     autoencoder, discriminator = tiny_autoencoder(), tiny_discriminator()
     iteration = AutoencoderKLIteration(discriminator, torch.optim.Adam(discriminator.parameters(), lr=1e-3))
     trainer = SupervisedTrainer(

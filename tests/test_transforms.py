@@ -142,6 +142,76 @@ def test_forked_worker_reopens_slides_opened_by_the_parent(mouse_pair, backend):
     assert loader(path, location, MOUSE_MPP).numpy().tobytes() == parent_patch.tobytes()  # the parent's still works
 
 
+@pytest.mark.parametrize("backend", available_backends())
+def test_plain_tensor_patches_equal_metatensor_patches(mouse_pair, backend):
+    from monai.data import DataLoader, Dataset, MetaTensor
+    from monai.data.meta_obj import set_track_meta
+
+    path, _, spots, _ = mouse_pair
+    # level-0 read, read and resized, past the border
+    for fov, size, location in ((32 * MOUSE_MPP, 32, spots[4]), (128.0, 32, spots[5]), (40 * MOUSE_MPP, 40, (5, 5))):
+        with_meta = LoadWSIPatch(fov, size, backend=backend)(path, location, MOUSE_MPP)
+        plain = LoadWSIPatch(fov, size, backend=backend, meta=False)(path, location, MOUSE_MPP)
+        assert isinstance(with_meta, MetaTensor) and with_meta.meta["filename_or_obj"] == str(path)
+        assert type(plain) is torch.Tensor and plain.dtype == torch.uint8 and plain.shape == (3, size, size)
+        assert plain.numpy().tobytes() == with_meta.as_tensor().numpy().tobytes()
+    set_track_meta(False)  # meta=None follows MONAI's switch
+    try:
+        assert type(LoadWSIPatch(20.0, 16, backend=backend)(path, spots[0], MOUSE_MPP)) is torch.Tensor
+    finally:
+        set_track_meta(True)
+    entries = [{"image": str(path), "location": spots[i].tolist(), "mpp": MOUSE_MPP} for i in range(6)]
+
+    def first_batch(meta: bool) -> torch.Tensor:
+        dataset = Dataset(entries, LoadWSIPatchd("image", 20.0, 16, backend=backend, meta=meta))
+        return next(iter(DataLoader(dataset, batch_size=6)))["image"]
+
+    with_meta, plain = first_batch(True), first_batch(False)
+    assert isinstance(with_meta, MetaTensor) and type(plain) is torch.Tensor and plain.shape == (6, 3, 16, 16)
+    torch.testing.assert_close(plain, with_meta.as_tensor(), rtol=0, atol=0)
+
+
+def test_tifffile_tiles_decoded_into_the_patch_equal_the_zarr_view(mouse_pair, tmp_path):
+    """Tiles decoded straight into the output: pyramid levels, partial edge tiles, a missing tile, strided output."""
+    import zarr
+
+    from bundle.io.slides import TiffZarrWSIReader, open_slide
+
+    _, image, _, _ = mouse_pair
+    pyramid = tmp_path / "pyramid.tif"
+    with tifffile.TiffWriter(pyramid) as tif:  # level 1 is a reduced-resolution page (as bundle.io.tiff writes)
+        for level, data in enumerate((image, np.ascontiguousarray(image[::2, ::2]))):
+            tif.write(data, tile=(128, 128), photometric="rgb", compression="jpeg", subfiletype=level, metadata=None)
+    with tifffile.TiffFile(pyramid, mode="r+b") as tif:  # a sparse file: tile 9 (rows 128-255, cols 128-255) absent
+        for name in ("TileOffsets", "TileByteCounts"):
+            values = list(tif.pages[0].tags[name].value)
+            values[9] = 0
+            tif.pages[0].tags[name].overwrite(values)
+    strips = tmp_path / "strips.tif"
+    tifffile.imwrite(strips, image, photometric="rgb", rowsperstrip=64)
+    reader = TiffZarrWSIReader()
+    for path, levels in ((pyramid, 2), (strips, 1)):
+        wsi = open_slide(path, reader)
+        assert reader.get_level_count(wsi) == levels
+        for level in range(levels):
+            full = np.asarray(zarr.open(wsi.aszarr(series=0, level=level), mode="r"))
+            h, w = full.shape[:2]
+            for i, (top, left, height, width) in enumerate(
+                ((0, 0, 200, 300), (100, 120, 129, 257), (h - 50, w - 70, 90, 100), (-20, -30, 60, 70))
+            ):
+                # every other output is a channel-last view of a channel-first array, as LoadWSIPatch passes
+                out = np.zeros((3, height, width), np.uint8).transpose(1, 2, 0)
+                got = reader.read_into(wsi, level, top, left, out if i % 2 else np.zeros((height, width, 3), np.uint8))
+                expected = np.full((height, width, 3), 255, np.uint8)
+                r0, c0 = max(top, 0), max(left, 0)
+                region = full[r0 : top + height, c0 : left + width]
+                expected[r0 - top : r0 - top + region.shape[0], c0 - left : c0 - left + region.shape[1]] = region
+                np.testing.assert_array_equal(got, expected)
+        wsi.close()
+    with tifffile.TiffFile(pyramid) as tif:  # the tile really is missing (zarr fills it with 0)
+        assert (np.asarray(zarr.open(tif.aszarr(series=0, level=0), mode="r"))[128:256, 128:256] == 0).all()
+
+
 def test_loader_rejects_bad_arguments():
     with pytest.raises(ValueError, match="fov_um"):
         LoadWSIPatch(fov_um=0, size=8)

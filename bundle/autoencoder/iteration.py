@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import nullcontext
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -19,6 +19,8 @@ from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents
 from monai.losses import PatchAdversarialLoss
 from torch import nn
+
+from bundle.memory import amp_dtype, autocast
 
 
 def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
@@ -48,13 +50,14 @@ class AutoencoderKLIteration:
 
     The adversarial term and the discriminator step are off while ``engine.state.iteration < adv_start_iteration``
     (ignite counts iterations from 1), as the discriminator would otherwise learn from blurry early reconstructions;
-    its weights do not change then. With ``engine.amp`` on a CUDA device both steps run under
-    ``torch.autocast("cuda", **engine.amp_kwargs)`` (pass ``amp_kwargs={"dtype": torch.bfloat16}`` for bf16) and the
-    losses in float32; ``engine.scaler`` (created by the trainer) scales both backward passes and is updated once per
-    iteration. On the CPU the step runs in float32 whatever ``engine.amp`` says.
+    its weights do not change then. With ``amp`` (by default the trainer's ``amp`` and ``amp_kwargs``) the forward
+    passes of both steps run under ``torch.autocast`` on the images' device, CPU or CUDA
+    (``amp_kwargs={"dtype": torch.bfloat16}`` for bf16), and the losses in float32; the parameters and their gradients
+    stay float32. The trainer's ``scaler`` (the ``GradScaler`` MONAI creates for ``amp``) is used only for float16:
+    then it scales both backward passes and is updated once per iteration. bf16 runs without loss scaling.
 
     The ``discriminator`` and ``perceptual_loss`` are moved to the images' device on the first call. The returned
-    dictionary (``engine.state.output``) holds ``"image"``, ``"pred"`` (the reconstructions, detached), ``"loss"`` (the
+    dictionary (``engine.state.output``) holds ``"image"``, ``"pred"`` (the reconstructions, detached, float32), ``"loss"`` (the
     total generator loss, a detached 0-dim tensor) and the floats ``"recon_loss"``, ``"kl_loss"``,
     ``"perceptual_loss"``, ``"adv_loss"`` (the generator's adversarial term, unweighted) and ``"d_loss"``. The
     events ``FORWARD_COMPLETED``, ``LOSS_COMPLETED``, ``BACKWARD_COMPLETED`` and ``MODEL_COMPLETED`` fire as in the
@@ -78,6 +81,11 @@ class AutoencoderKLIteration:
         image_key: batch key of the images ``(B, C, *spatial)`` in ``[-1, 1]``. Defaults to ``"image"``.
         max_grad_norm: if given, clip the gradient norm of the autoencoder and of the discriminator to it before each
             optimiser step. Defaults to None.
+        amp: autocast the forward passes; None follows the trainer's ``amp``. Give it (with ``amp_kwargs``) when the
+            trainer's ``amp`` is False so that MONAI creates no ``GradScaler`` (bf16, see
+            :func:`bundle.memory.monai_amp`). Defaults to None.
+        amp_kwargs: arguments of ``torch.autocast`` besides the device type, e.g. ``{"dtype": torch.bfloat16}``; None
+            follows the trainer's ``amp_kwargs``. Defaults to None.
     """
 
     def __init__(
@@ -91,6 +99,8 @@ class AutoencoderKLIteration:
         adv_start_iteration: int = 0,
         image_key: str = "image",
         max_grad_norm: float | None = None,
+        amp: bool | None = None,
+        amp_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(discriminator, nn.Module):
             raise ValueError(f"discriminator must be a torch.nn.Module, got {type(discriminator).__name__}.")
@@ -117,6 +127,8 @@ class AutoencoderKLIteration:
         self.adv_start_iteration = int(adv_start_iteration)
         self.image_key = image_key
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.amp = None if amp is None else bool(amp)
+        self.amp_kwargs = None if amp_kwargs is None else dict(amp_kwargs)
         self.adversarial_loss = PatchAdversarialLoss(criterion="least_squares")
         self._device: torch.device | None = None
 
@@ -141,6 +153,16 @@ class AutoencoderKLIteration:
             scaler.step(optimizer)
         else:
             optimizer.step()
+
+    def _precision(self, engine: Any, device: torch.device) -> tuple[Any, Callable[[], AbstractContextManager]]:
+        """The loss scaler (float16 only; None otherwise) and a factory of the autocast context of this step."""
+        use_amp = bool(engine.amp) if self.amp is None else self.amp
+        amp_kwargs = dict(engine.amp_kwargs or {}) if self.amp_kwargs is None else self.amp_kwargs
+        float16 = use_amp and amp_dtype(device, amp_kwargs) == torch.float16
+        scaler = getattr(engine, "scaler", None) if float16 else None
+        if scaler is not None and not scaler.is_enabled():
+            scaler = None
+        return scaler, lambda: autocast(device, use_amp, amp_kwargs)
 
     def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:
         """Run one generator and one discriminator step and return the outputs for the handlers.
@@ -169,26 +191,25 @@ class AutoencoderKLIteration:
                 self.perceptual_loss.to(images.device)
             self._device = images.device
         autoencoder, optimizer = engine.network, engine.optimizer
-        use_amp = bool(engine.amp) and images.device.type == "cuda"
-        scaler = engine.scaler if use_amp and engine.scaler is not None and engine.scaler.is_enabled() else None
-        autocast = (lambda: torch.autocast("cuda", **engine.amp_kwargs)) if use_amp else nullcontext
+        scaler, autocasting = self._precision(engine, images.device)
         set_to_none = getattr(engine, "optim_set_to_none", False)
         adversarial = self.adversarial_active(engine.state.iteration)
 
         # 1. generator step
         autoencoder.train()
         optimizer.zero_grad(set_to_none=set_to_none)
-        with autocast():
+        with autocasting():
             reconstruction, z_mu, z_sigma = autoencoder(images)
         engine.state.output = {"image": images, "pred": reconstruction}
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        with autocast():
-            recon_loss = F.l1_loss(reconstruction.float(), images.float())
+        reconstruction32 = reconstruction.float()
+        with autocasting():
+            recon_loss = F.l1_loss(reconstruction32, images.float())
             kl_loss = kl_divergence(z_mu.float(), z_sigma.float())
             loss = recon_loss + self.kl_weight * kl_loss
             perceptual = torch.zeros((), device=images.device)
             if self.perceptual_loss is not None:
-                perceptual = self.perceptual_loss(reconstruction.float(), images.float()).float().mean()
+                perceptual = self.perceptual_loss(reconstruction32, images.float()).float().mean()
                 loss = loss + self.perceptual_weight * perceptual
             g_adv = torch.zeros((), device=images.device)
             if adversarial:
@@ -208,7 +229,7 @@ class AutoencoderKLIteration:
             self.discriminator.train()
             self.d_optimizer.zero_grad(set_to_none=set_to_none)
             for batch, is_real in ((reconstruction.detach(), False), (images, True)):
-                with autocast():
+                with autocasting():
                     logits = self._logits(batch)
                     part = (
                         0.5
@@ -223,7 +244,7 @@ class AutoencoderKLIteration:
 
         engine.state.output = {
             "image": images,
-            "pred": reconstruction.detach(),
+            "pred": reconstruction32.detach(),
             "loss": loss.detach(),
             "recon_loss": recon_loss.item(),
             "kl_loss": kl_loss.item(),

@@ -2,9 +2,11 @@
 
 * ``"cucim"`` (default) and ``"openslide"`` are MONAI's own readers.
 * ``"tifffile"`` is :class:`TiffZarrWSIReader`: MONAI's ``TiffFileWSIReader`` decodes a whole pyramid level for
-  every patch (tens of seconds per hundred patches on a real slide), so this subclass reads through tifffile's zarr
-  interface, which decodes only the tiles that a patch touches, and takes pyramid levels from the image series (an SVS
-  file's label, macro and thumbnail pages are not levels).
+  every patch (tens of seconds per hundred patches on a real slide), so this subclass decodes only the tiles that a
+  patch touches (with tifffile's own decoders, straight into the output; through tifffile's zarr interface for
+  untiled levels), and takes pyramid levels from the image series (an SVS file's label, macro and thumbnail pages are
+  not levels).
+* :func:`read_rgb_into` is the patch loader's read: the backend's own call, without ``WSIReader.get_data``.
 
 Pixel sizes are read from the slide (Aperio ``MPP``, TIFF resolution tags, OpenSlide properties) or given
 explicitly; they are never guessed (see :func:`resolve_mpp`).
@@ -32,6 +34,7 @@ __all__ = [
     "default_backend",
     "get_wsi_reader",
     "open_slide",
+    "read_rgb_into",
     "read_slide_info",
     "resolve_mpp",
 ]
@@ -48,7 +51,9 @@ class TiffZarrWSIReader(TiffFileWSIReader):
     """MONAI ``TiffFileWSIReader`` that decodes only the tiles a patch needs.
 
     Levels are the image series' pyramid levels (``TiffFile.series[0].levels``), so SVS thumbnails, labels and macro
-    images are not mistaken for levels. Reads that extend past the slide are padded with ``fill_value``.
+    images are not mistaken for levels. Reads that extend past the slide are padded with ``fill_value``. A tiled level
+    is read tile by tile with tifffile's decoder, each tile copied straight into the patch (the same pixels as
+    tifffile's zarr view, without its per-read overhead); other levels are read through the zarr view.
 
     Args:
         fill_value: value of pixels outside the slide. Defaults to 255 (white glass).
@@ -99,19 +104,88 @@ class TiffZarrWSIReader(TiffFileWSIReader):
             cache[level] = zarr.open(wsi.aszarr(series=0, level=level), mode="r")
         return cache[level]
 
+    def _tile_plan(self, wsi, level: int) -> dict | None:
+        """How to decode the tiles of ``level`` directly, or None when the level is not one tiled, chunky page."""
+        cache = wsi.__dict__.setdefault("_tile_plans", {})
+        if level not in cache:
+            series_level = self._levels(wsi)[level]
+            page = series_level.pages[0]
+            tiled = (
+                len(series_level.pages) == 1
+                and page is series_level.keyframe  # a TiffPage, not a TiffFrame
+                and page.is_tiled
+                and page.tiledepth == 1
+                and page.imagedepth == 1
+                and (page.samplesperpixel == 1 or page.planarconfig == 1)  # 1: CONTIG, interleaved samples
+                and tuple(series_level.shape[:2]) == (page.imagelength, page.imagewidth)
+            )
+            plan = None
+            if tiled:
+                decode_args = {"_fullsize": True}
+                if page.jpegtables is not None:
+                    decode_args["jpegtables"] = page.jpegtables
+                if page.jpegheader is not None:
+                    decode_args["jpegheader"] = page.jpegheader
+                page.parent.filehandle.set_lock(True)  # the lock tifffile's own zarr store reads under
+                plan = {
+                    "page": page,
+                    "tile": (int(page.tilelength), int(page.tilewidth)),
+                    "tiles_across": -(-int(page.imagewidth) // int(page.tilewidth)),
+                    "decode_args": decode_args,
+                    "missing": page.nodata,  # what tifffile's zarr store returns for a tile that is not stored
+                }
+            cache[level] = plan
+        return cache[level]
+
+    def read_into(self, wsi, level: int, top: int, left: int, out: np.ndarray) -> np.ndarray:
+        """Fill ``out`` (``(h, w, c)``, any strides) with the pixels of ``level`` from level pixel ``(top, left)``.
+
+        Only the tiles the region touches are decoded, each straight into ``out``; the first ``c`` samples of each
+        pixel are kept, and pixels outside the level get ``fill_value``. Returns ``out``.
+        """
+        height, width, channels = out.shape
+        shape = self._levels(wsi)[level].shape
+        level_h, level_w = int(shape[0]), int(shape[1])
+        samples = int(shape[2]) if len(shape) == 3 else 1
+        if samples < channels:
+            raise ValueError(f"The image is expected to have {channels} color channels but has {samples}.")
+        r0, r1 = max(top, 0), min(top + height, level_h)
+        c0, c1 = max(left, 0), min(left + width, level_w)
+        if (r0, c0, r1, c1) != (top, left, top + height, left + width):
+            out[...] = self.fill_value
+        if r1 <= r0 or c1 <= c0:
+            return out
+        plan = self._tile_plan(wsi, level)
+        if plan is None:
+            region = np.asarray(self._zarr_level(wsi, level)[r0:r1, c0:c1]).reshape(r1 - r0, c1 - c0, -1)
+            out[r0 - top : r1 - top, c0 - left : c1 - left] = region[..., :channels]
+            return out
+        page, (th, tw) = plan["page"], plan["tile"]
+        fh = page.parent.filehandle
+        for ty in range(r0 // th, (r1 - 1) // th + 1):
+            y0, y1 = max(r0, ty * th), min(r1, ty * th + th)
+            for tx in range(c0 // tw, (c1 - 1) // tw + 1):
+                x0, x1 = max(c0, tx * tw), min(c1, tx * tw + tw)
+                target = out[y0 - top : y1 - top, x0 - left : x1 - left]
+                index = ty * plan["tiles_across"] + tx
+                offset, count = page.dataoffsets[index], page.databytecounts[index]
+                if not offset or not count:
+                    target[...] = plan["missing"]
+                    continue
+                with fh.lock:
+                    fh.seek(offset)
+                    data = fh.read(count)
+                tile = page.decode(data, index, **plan["decode_args"])[0].reshape(th, tw, -1)
+                target[...] = tile[y0 - ty * th : y1 - ty * th, x0 - tx * tw : x1 - tx * tw, :channels]
+        return out
+
     def _get_patch(self, wsi, location, size, level, dtype, mode) -> np.ndarray:
         ratio = self.get_downsample_ratio(wsi, level)
         top, left = (int(round(v / ratio)) for v in location)
-        height, width = int(size[0]), int(size[1])
-        level_h, level_w = self.get_size(wsi, level)
-        array = self._zarr_level(wsi, level)
-        channels = array.shape[2] if array.ndim == 3 else 1
-        patch = np.full((height, width, channels), self.fill_value, dtype=array.dtype)
-        r0, r1 = max(top, 0), min(top + height, level_h)
-        c0, c1 = max(left, 0), min(left + width, level_w)
-        if r1 > r0 and c1 > c0:
-            region = np.asarray(array[r0:r1, c0:c1])
-            patch[r0 - top : r1 - top, c0 - left : c1 - left] = region.reshape(r1 - r0, c1 - c0, channels)
+        series_level = self._levels(wsi)[level]
+        channels = int(series_level.shape[2]) if len(series_level.shape) == 3 else 1
+        patch = np.empty((int(size[0]), int(size[1]), channels), series_level.dtype)
+        self.read_into(wsi, level, top, left, patch)
         if mode in "RGB":
             if channels not in (3, 4):
                 raise ValueError(f"The image is expected to have three or four color channels but has {channels}.")
@@ -179,6 +253,39 @@ def open_slide(path: str | os.PathLike, reader: BaseWSIReader):
             "re-download or re-export it as a tiled pyramidal TIFF/SVS, or try another backend."
         ) from e
     return wsi
+
+
+def read_rgb_into(reader: BaseWSIReader, wsi, level: int, top: int, left: int, downsample: float, out: np.ndarray):
+    """Fill ``out`` (``(h, w, 3)``, any strides) with the RGB pixels of a region that lies inside ``level``.
+
+    The backend library is called directly, without ``WSIReader.get_data``'s checks, metadata and copies; cuCIM's and
+    OpenSlide's regions are copied once, into ``out`` (OpenSlide's alpha channel is dropped, as ``convert("RGB")``
+    does), and :class:`TiffZarrWSIReader` decodes its tiles straight into it.
+
+    Args:
+        reader: the reader that opened ``wsi``.
+        wsi: the opened slide.
+        level: pyramid level.
+        top: first row of the region, in ``level`` pixels.
+        left: first column of the region, in ``level`` pixels.
+        downsample: downsample of ``level`` relative to level 0 (cuCIM and OpenSlide take level-0 locations).
+        out: destination; its first two dimensions give the region's size.
+
+    Returns:
+        ``out``.
+    """
+    if isinstance(reader, TiffZarrWSIReader):
+        return reader.read_into(wsi, level, top, left, out)
+    height, width = out.shape[:2]
+    x0, y0 = int(round(left * downsample)), int(round(top * downsample))
+    if isinstance(reader, CuCIMWSIReader):
+        out[...] = np.asarray(wsi.read_region(location=(x0, y0), size=(width, height), level=level))[..., :3]
+    elif isinstance(reader, OpenSlideWSIReader):
+        out[...] = np.asarray(wsi.read_region((x0, y0), level, (width, height)))[..., :3]
+    else:
+        patch, _ = reader.get_data(wsi, location=(y0, x0), size=(height, width), level=level, mode="RGB")
+        out[...] = np.moveaxis(np.asarray(patch), reader.channel_dim, -1)
+    return out
 
 
 class MissingPixelSize(ValueError):

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from bundle.memory import autocast
+
 __all__ = ["ExpressionToTissuePipeline", "seeded_generators"]
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -44,6 +46,10 @@ class ExpressionToTissuePipeline:
         eta: DDIM noise (0 = deterministic DDIM); ignored by other schedulers. Defaults to 0.0.
         batched_guidance: run the unconditional and conditional branches of CFG as one batched forward (default) or
             as two forwards (same result, for benchmarking and low-memory devices).
+        amp: run the network's and the decoder's forward passes under ``torch.autocast`` in ``amp_dtype`` on the
+            model's device (CPU or CUDA); their outputs, the scheduler steps and the latents stay float32. Defaults to
+            False (float32). :meth:`set_amp` changes it on a built pipeline.
+        amp_dtype: the autocast dtype. Defaults to ``torch.bfloat16``.
     """
 
     def __init__(
@@ -58,6 +64,8 @@ class ExpressionToTissuePipeline:
         null_value: float = -1.0,
         eta: float = 0.0,
         batched_guidance: bool = True,
+        amp: bool = False,
+        amp_dtype: torch.dtype = torch.bfloat16,
     ) -> None:
         if scale_factor <= 0:
             raise ValueError(
@@ -70,6 +78,18 @@ class ExpressionToTissuePipeline:
         self.latent_shape = tuple(int(v) for v in latent_shape)
         self.num_inference_steps, self.guidance_scale, self.null_value = num_inference_steps, guidance_scale, null_value
         self.eta, self.batched_guidance = float(eta), bool(batched_guidance)
+        self.set_amp(amp, amp_dtype)
+
+    def set_amp(self, enabled: bool = True, dtype: torch.dtype = torch.bfloat16) -> "ExpressionToTissuePipeline":
+        """Autocast the network and the decoder in ``dtype`` (or run them in float32 when not ``enabled``); returns the
+        pipeline, so that a config can write ``load_pipeline(...).set_amp(@amp, @amp_dtype)``."""
+        if enabled and dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"amp_dtype must be torch.bfloat16 or torch.float16, got {dtype}.")
+        self.amp, self.amp_dtype = bool(enabled), dtype
+        return self
+
+    def _autocast(self):
+        return autocast(self.device, self.amp, {"dtype": self.amp_dtype})
 
     @property
     def device(self) -> torch.device:
@@ -142,17 +162,22 @@ class ExpressionToTissuePipeline:
         """Network output at timestep ``t`` with classifier-free guidance (one batched forward unless disabled)."""
         timesteps = torch.full((latents.shape[0],), int(t), device=latents.device, dtype=torch.long)
         if guidance_scale is None or guidance_scale == 1.0:
-            return self.network(latents, timesteps, condition)
+            return self._forward(latents, timesteps, condition)
         null = torch.full_like(condition, self.null_value)
         if self.batched_guidance:
-            out = self.network(
+            out = self._forward(
                 torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), torch.cat([null, condition])
             )
             uncond, cond = out.chunk(2)
         else:
-            uncond = self.network(latents, timesteps, null)
-            cond = self.network(latents, timesteps, condition)
+            uncond = self._forward(latents, timesteps, null)
+            cond = self._forward(latents, timesteps, condition)
         return uncond + guidance_scale * (cond - uncond)
+
+    def _forward(self, latents: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """The network's output (float32), under autocast when ``amp`` is on."""
+        with self._autocast():
+            return self.network(latents, timesteps, condition).float()
 
     def step(
         self, output: torch.Tensor, t: int | torch.Tensor, latents: torch.Tensor, generators: list | None = None
@@ -170,7 +195,8 @@ class ExpressionToTissuePipeline:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode scaled latents to images in [0, 1]."""
-        images = self.autoencoder.decode_stage_2_outputs(latents / self.scale_factor)
+        with self._autocast():
+            images = self.autoencoder.decode_stage_2_outputs(latents / self.scale_factor).float()
         return ((images + 1.0) / 2.0).clamp(0.0, 1.0)
 
     @torch.no_grad()

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from monai.config import NdarrayOrTensor
 from monai.data import MetaTensor
-from monai.data.wsi_reader import CuCIMWSIReader
+from monai.data.meta_obj import get_track_meta
 from monai.transforms import RandomizableTransform, Transform
 from monai.utils import TransformBackends, ensure_tuple_rep
 
 from bundle.geometry import xy_to_rowcol
-from bundle.io.slides import get_wsi_reader, level_for_mpp, open_slide
+from bundle.io.slides import get_wsi_reader, level_for_mpp, open_slide, read_rgb_into
 from bundle.io.spots import check_counts
 
 __all__ = [
@@ -41,12 +41,18 @@ class LoadWSIPatch(Transform):
     main process opened a slide reopens it instead of reading through the inherited handle (a forked file handle
     shares its file position with the parent, so concurrent reads through it return another read's bytes).
 
+    The backend's pixels are copied once, into a channel-first array (tifffile tiles are decoded straight into it),
+    so the patch is a contiguous, writable tensor that batches without a further transposition.
+
     Args:
         fov_um: field of view ``(height, width)`` in micrometres (one number for a square).
         size: output ``(height, width)`` in pixels (one number for a square).
         backend: ``"cucim"``, ``"openslide"``, ``"tifffile"`` (tile-level reads) or None for the best available.
         fill_value: value for pixels outside the slide. Defaults to 255 (white glass).
         max_open_slides: slide handles kept open per process. Defaults to 64.
+        meta: return a ``MetaTensor`` carrying the slide path, level, location and pixel size (True) or a plain
+            ``torch.Tensor`` with the same pixels (False, cheaper to build and to batch). None (default) follows
+            ``monai.data.meta_obj.get_track_meta()``, which is True unless switched off.
     """
 
     backend = [TransformBackends.TORCH]
@@ -58,6 +64,7 @@ class LoadWSIPatch(Transform):
         backend: str | None = "cucim",
         fill_value: int = 255,
         max_open_slides: int = 64,
+        meta: bool | None = None,
     ) -> None:
         self.fov_um = tuple(float(v) for v in ensure_tuple_rep(fov_um, 2))
         self.size = tuple(int(v) for v in ensure_tuple_rep(size, 2))
@@ -70,6 +77,7 @@ class LoadWSIPatch(Transform):
         self.reader_backend = backend
         self.fill_value = fill_value
         self.max_open_slides = max_open_slides
+        self.meta = meta
         self._reader = None
         self._slides: OrderedDict[str, tuple] = OrderedDict()
         self._pid = os.getpid()
@@ -86,6 +94,7 @@ class LoadWSIPatch(Transform):
         return self._reader
 
     def _slide(self, path: str) -> tuple:
+        """``(wsi, level sizes, downsamples, reads)`` of an open slide; ``reads`` caches :meth:`_plan` per mpp."""
         if self._pid != os.getpid():  # forked: the inherited handles belong to the parent; drop them, unclosed
             self._reader, self._slides, self._pid = None, OrderedDict(), os.getpid()
         if path in self._slides:
@@ -94,10 +103,10 @@ class LoadWSIPatch(Transform):
         wsi = open_slide(path, self.reader)
         count = self.reader.get_level_count(wsi)
         sizes = [tuple(int(v) for v in self.reader.get_size(wsi, level)) for level in range(count)]
-        entry = (wsi, sizes, [sizes[0][0] / s[0] for s in sizes])
+        entry = (wsi, sizes, [sizes[0][0] / s[0] for s in sizes], {})
         self._slides[path] = entry
         if len(self._slides) > self.max_open_slides:
-            _, (old, _, _) = self._slides.popitem(last=False)
+            _, (old, *_) = self._slides.popitem(last=False)
             close = getattr(old, "close", None)
             if callable(close):
                 close()
@@ -107,7 +116,13 @@ class LoadWSIPatch(Transform):
         """Pixel size ``(y, x)`` of the output patch in um/px."""
         return self.fov_um[0] / self.size[0], self.fov_um[1] / self.size[1]
 
-    def __call__(self, path: str | os.PathLike, location: Sequence[float], mpp: float) -> MetaTensor:
+    def _plan(self, downsamples: Sequence[float], mpp: float) -> tuple[int, float, tuple[int, int]]:
+        """Level, its downsample and the region to read there (level pixels) for a slide of level-0 pixel ``mpp``."""
+        level = level_for_mpp(downsamples, mpp, min(self.target_mpp()))
+        ds = downsamples[level]
+        return level, ds, tuple(max(1, int(round(f / (mpp * ds)))) for f in self.fov_um)
+
+    def __call__(self, path: str | os.PathLike, location: Sequence[float], mpp: float) -> torch.Tensor:
         """Read the patch centred on ``location``.
 
         Args:
@@ -116,27 +131,30 @@ class LoadWSIPatch(Transform):
             mpp: level-0 pixel size of the slide in um/px (recorded in the datalist by ``prepare_dataset``).
 
         Returns:
-            ``(3, H, W)`` uint8 ``MetaTensor`` with the slide path, level, location and pixel size in its meta.
+            ``(3, H, W)`` uint8 tensor; a ``MetaTensor`` with the slide path, level, location and pixel size in its
+            meta unless metadata is off (see ``meta``).
         """
         if mpp is None or not float(mpp) > 0:
             raise ValueError(f"mpp (level-0 um/px of {str(path)!r}) must be positive, got {mpp!r}.")
         mpp = float(mpp)
         path = str(path)
-        wsi, sizes, downsamples = self._slide(path)
-        level = level_for_mpp(downsamples, mpp, min(self.target_mpp()))
-        ds = downsamples[level]
-        # region to read, in level pixels, and its top-left corner in level-0 pixels
-        region = tuple(max(1, int(round(f / (mpp * ds)))) for f in self.fov_um)
+        wsi, sizes, downsamples, reads = self._slide(path)
+        plan = reads.get(mpp)
+        if plan is None:
+            plan = reads[mpp] = self._plan(downsamples, mpp)
+        level, ds, region = plan
         cy, cx = xy_to_rowcol(location)
-        top0 = int(round(float(cy) - region[0] * ds / 2.0))
-        left0 = int(round(float(cx) - region[1] * ds / 2.0))
-        patch = self._read(wsi, sizes[level], ds, level, (top0, left0), region)
-        image = torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1)
+        # top-left corner of the region, in level pixels
+        top = int(math.floor(int(round(float(cy) - region[0] * ds / 2.0)) / ds))
+        left = int(math.floor(int(round(float(cx) - region[1] * ds / 2.0)) / ds))
+        image = torch.from_numpy(self._read(wsi, sizes[level], ds, level, (top, left), region))
         if region != self.size:
             resized = F.interpolate(
                 image[None].float(), size=self.size, mode="bilinear", antialias=True, align_corners=False
             )
             image = resized[0].round_().clamp_(0, 255).to(torch.uint8)
+        if not (get_track_meta() if self.meta is None else self.meta):
+            return image
         meta = {
             "filename_or_obj": path,
             "location": [float(v) for v in location],
@@ -146,31 +164,19 @@ class LoadWSIPatch(Transform):
         }
         return MetaTensor(image, meta=meta)
 
-    def _read(self, wsi, level_size, ds, level, top_left0, region) -> np.ndarray:
-        """Read ``region`` level pixels from level-0 corner ``top_left0``, padding what lies past the border."""
-        top = int(math.floor(top_left0[0] / ds))
-        left = int(math.floor(top_left0[1] / ds))
+    def _read(self, wsi, level_size, ds, level, top_left, region) -> np.ndarray:
+        """``(3, h, w)`` uint8 pixels of ``region`` level pixels from ``top_left``, padding what lies past the border."""
+        top, left = top_left
+        out = np.empty((3, region[0], region[1]), dtype=np.uint8)
         r0, c0 = max(top, 0), max(left, 0)
         r1, c1 = min(top + region[0], level_size[0]), min(left + region[1], level_size[1])
-        inside = (r0, c0, r1, c1) == (top, left, top + region[0], left + region[1])
-        if inside:
-            return self._read_inside(wsi, level, (int(round(top * ds)), int(round(left * ds))), region)
-        out = np.full((region[0], region[1], 3), self.fill_value, dtype=np.uint8)
+        if (r0, c0, r1, c1) != (top, left, top + region[0], left + region[1]):
+            out.fill(self.fill_value)
         if r1 > r0 and c1 > c0:
-            data = self._read_inside(wsi, level, (int(round(r0 * ds)), int(round(c0 * ds))), (r1 - r0, c1 - c0))
-            out[r0 - top : r1 - top, c0 - left : c1 - left] = data
+            # channel-last view of the inside part: the reader writes (h, w, 3) pixels through it
+            inside = out[:, r0 - top : r1 - top, c0 - left : c1 - left].transpose(1, 2, 0)
+            read_rgb_into(self.reader, wsi, level, r0, c0, ds, inside)
         return out
-
-    def _read_inside(self, wsi, level: int, location0: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-        """``(h, w, 3)`` uint8 pixels of a region inside the slide; ``location0`` is ``(row, col)`` at level 0.
-
-        cuCIM's region is used without a copy; the other backends read through MONAI's ``WSIReader.get_data``.
-        """
-        if isinstance(self.reader, CuCIMWSIReader):
-            region = wsi.read_region(location=location0[::-1], size=size[::-1], level=level)
-            return np.asarray(region)[..., :3]
-        patch, _ = self.reader.get_data(wsi, location=location0, size=size, level=level, mode="RGB")
-        return patch
 
 
 class LoadExpression(Transform):

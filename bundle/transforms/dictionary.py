@@ -44,6 +44,8 @@ class LoadWSIPatchd(MapTransform):
         backend: slide reader (``"cucim"``, ``"openslide"``, ``"tifffile"`` or None for the best available).
         fill_value: value for pixels outside the slide. Defaults to 255.
         max_open_slides: slide handles kept open per process. Defaults to 64.
+        meta: ``MetaTensor`` patches (True) or plain tensors (False); None follows ``get_track_meta()``. Plain
+            tensors are cheaper to build and to batch, for pipelines that do not use the patch's meta.
         allow_missing_keys: don't raise exception if key is missing.
     """
 
@@ -57,11 +59,12 @@ class LoadWSIPatchd(MapTransform):
         backend: str | None = "cucim",
         fill_value: int = 255,
         max_open_slides: int = 64,
+        meta: bool | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.loader = LoadWSIPatch(
-            fov_um, size, backend=backend, fill_value=fill_value, max_open_slides=max_open_slides
+            fov_um, size, backend=backend, fill_value=fill_value, max_open_slides=max_open_slides, meta=meta
         )
         self.location_key, self.mpp_key = location_key, mpp_key
 
