@@ -19,7 +19,7 @@ from bundle.autoencoder import AutoencoderKLIteration
 from bundle.engines import LatentDiffusionPrepareBatch
 from bundle.memory import AutocastInferer, activation_checkpointing, amp_dtype, checkpointed_blocks, monai_amp
 from bundle.sampling.pipeline import ExpressionToTissuePipeline, seeded_generators
-from tests.helpers import CONFIGS, randomize_zero_init, tiny_autoencoder, tiny_network
+from tests.helpers import CONFIGS, TINY_AUTOENCODER, randomize_zero_init, tiny_autoencoder, tiny_network
 
 BF16 = {"dtype": torch.bfloat16}
 NUM_GENES, NUM_NEIGHBORS, SIZE = 12, 2, 16
@@ -96,8 +96,14 @@ def test_train_config_wires_amp_on_the_cpu():
     assert parser.get_parsed_content("sampler#amp") is True
     assert parser.get_parsed_content("sampler#amp_dtype") == torch.bfloat16
     parser["amp"] = "$torch.cuda.is_available()"  # the default: off on a machine without CUDA
+    parser["autoencoder_kwargs"] = TINY_AUTOENCODER
     parser.parse()
     assert parser.get_parsed_content("train#trainer#inferer").enabled == torch.cuda.is_available()
+    assert not checkpointed_blocks(parser.get_parsed_content("autoencoder_train#trainer#network"))
+    parser["autoencoder_activation_checkpointing"] = True  # stage 1 only; activation_checkpointing sets both stages
+    parser.parse()
+    assert checkpointed_blocks(parser.get_parsed_content("autoencoder_train#trainer#network"))
+    assert parser.get_parsed_content("diffusion_activation_checkpointing") is False
 
 
 def cpu_trainer(network: nn.Module, batches: list, loss: nn.Module, **kwargs) -> SupervisedTrainer:
