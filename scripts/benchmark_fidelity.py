@@ -10,10 +10,12 @@ demo validation spots, and reports what the evaluation measures against its real
 - edit directionality, pooled and per built-in edit;
 - training and evaluation wall time.
 
-Rows that change only sampling (``"model": "<row>"``) reuse that row's model and run the evaluation alone. Rows whose
-training overrides leave the autoencoder alone start from ``--autoencoder`` (default ``models/autoencoder.pt``; copied,
-never written), so stage-2 rows differ only in stage 2. The table goes to stdout and ``<work-dir>/fidelity.md``, the
-numbers to ``<work-dir>/fidelity.json``; a row already measured in that JSON is not rerun (``--force`` reruns it).
+A row's ``"autoencoder"`` names a stage-1 checkpoint to start from (e.g. a row of ``scripts/benchmark_autoencoder.py``);
+its recorded network settings are passed on, so stage 2 is built for its latents. Rows that change only sampling
+(``"model": "<row>"``) reuse that row's model and run the evaluation alone. Rows whose training overrides leave the
+autoencoder alone start from ``--autoencoder`` (default ``models/autoencoder.pt``; copied, never written), so stage-2
+rows differ only in stage 2. The table goes to stdout and ``<work-dir>/fidelity.md``, the numbers to
+``<work-dir>/fidelity.json``; a row already measured in that JSON is not rerun (``--force`` reruns it).
 
     python scripts/benchmark_fidelity.py --rows baseline latent_cache --work-dir outputs/fidelity
     python scripts/benchmark_fidelity.py --list
@@ -77,17 +79,31 @@ def _run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
+def autoencoder_overrides(path: Path) -> dict:
+    """``autoencoder_kwargs`` of a stage-1 checkpoint, so that stage 2 is built for its latents."""
+    import torch
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    kwargs = checkpoint.get("network_kwargs")
+    if not kwargs:
+        raise ValueError(f"{path} records no network_kwargs: give a checkpoint written by the bundle's stage 1.")
+    return {"autoencoder_kwargs": dict(kwargs)}
+
+
 def train_row(name: str, row: dict, work: Path, autoencoder: Path) -> float:
     models, outputs = work / name / "models", work / name / "outputs"
     models.mkdir(parents=True, exist_ok=True)
     overrides = dict(row.get("train", {}))
-    if not any(k in overrides for k in AUTOENCODER_KEYS) and not (models / "autoencoder.pt").exists():
-        if not autoencoder.is_file():
+    source = Path(row["autoencoder"]) if row.get("autoencoder") else autoencoder
+    if row.get("autoencoder") or not any(k in overrides for k in AUTOENCODER_KEYS):
+        if not source.is_file():
             raise FileNotFoundError(
-                f"--autoencoder {autoencoder} does not exist: train the demo once (the README's main job) or give a "
-                f"stage-1 checkpoint."
+                f"autoencoder {source} does not exist: train the demo once (the README's main job), give a stage-1 "
+                f'checkpoint (--autoencoder, or the row\'s "autoencoder") or run scripts/benchmark_autoencoder.py.'
             )
-        shutil.copy2(autoencoder, models / "autoencoder.pt")
+        if not (models / "autoencoder.pt").exists():
+            shutil.copy2(source, models / "autoencoder.pt")
+        overrides = {**autoencoder_overrides(source), **overrides}
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file"]
     cmd += [str([str(ROOT / "configs/train.json"), str(ROOT / "configs/demo.json")])]
     cmd += ["--bundle_root", str(ROOT), "--ckpt_dir", str(models), "--output_dir", str(outputs)]
