@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # name -> description, training overrides (train.json keys), evaluation overrides, model of another row (no training)
 ROWS: dict[str, dict] = {
     "baseline": {
-        "desc": "demo defaults of version 0.5.0 (images encoded every step)",
+        "desc": "images encoded every step (latent_cache false), as the 0.5.0 demo",
         "train": {"latent_cache": False},
     },
     "latent_cache": {"desc": "stage 2 on cached latents (8 dihedral variants encoded once)", "train": {}},
@@ -113,6 +113,7 @@ def train_row(name: str, row: dict, work: Path, autoencoder: Path) -> float:
 def evaluate_row(name: str, row: dict, work: Path) -> tuple[float, dict]:
     model_row = row.get("model", name)
     eval_dir = work / name / "eval"
+    (work / name).mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file"]
     cmd += [str([str(ROOT / "configs/evaluate.json"), str(ROOT / "configs/demo.json")])]
     cmd += ["--bundle_root", str(ROOT), "--ckpt_dir", str(work / model_row / "models")]

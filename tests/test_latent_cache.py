@@ -246,7 +246,8 @@ def test_demo_config_trains_on_cached_latents_and_resumes_with_the_same_cache(de
     train_demo(root, demo_dataset, **overrides)
     cache_dir = root / "outputs" / "latent_cache"
     info = json.loads((cache_dir / "info.json").read_text())
-    assert info["shape"][1:] == [NUM_VARIANTS, 6, 16, 16] and info["key"]["patch_size"] == 64
+    # demo.json's autoencoder: 4x32x32 latents, mean and log-variance
+    assert info["shape"][1:] == [NUM_VARIANTS, 8, 32, 32] and info["key"]["patch_size"] == 64
     assert torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)["iteration"] == 2
     stat = os.stat(cache_dir / "latents.npy")
 
