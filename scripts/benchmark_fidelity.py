@@ -65,7 +65,9 @@ AUTOENCODER_KEYS = ("autoencoder_kwargs", "autoencoder_iterations", "autoencoder
 def _override_args(overrides: dict) -> list[str]:
     args = []
     for key, value in overrides.items():
-        args += [f"--{key}", repr(value) if not isinstance(value, str) else value]
+        # MONAI's command line drops "None"; the expression "$None" sets a key to None (e.g. min_snr_gamma off)
+        text = "$None" if value is None else value if isinstance(value, str) else repr(value)
+        args += [f"--{key}", text]
     return args
 
 

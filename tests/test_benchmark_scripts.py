@@ -65,6 +65,7 @@ def test_fidelity_rows_take_the_network_settings_of_their_stage1_checkpoint(benc
         bench_fid.autoencoder_overrides(tmp_path / "bare.pt")
     args = bench_fid._override_args({"autoencoder_kwargs": {"channels": [8, 8]}, "prediction_type": "epsilon"})
     assert args == ["--autoencoder_kwargs", "{'channels': [8, 8]}", "--prediction_type", "epsilon"]
+    assert bench_fid._override_args({"min_snr_gamma": None}) == ["--min_snr_gamma", "$None"]
 
 
 def test_tables_print_one_row_per_measured_variant(bench_ae, bench_fid):
