@@ -37,7 +37,7 @@ def test_device_benchmark_smoke(tmp_path):
     assert {row["unet"] for row in stage2} == {"monai", "diffusers"}
     for row in stage2:
         assert _positive(row["images_per_s"]) and _positive(row["unet_gflops_per_step"])
-        assert row["latent"] == [3, 16, 16]  # demo sizes in --smoke
+        assert row["latent"] == [4, 32, 32]  # demo sizes in --smoke (demo.json: one downsampling)
     levers = report["sections"]["speed_levers"]
     assert levers[0]["lever"].startswith("0.5.0 path") and all(row["lever"].startswith("+ ") for row in levers[1:])
     assert levers[0]["speedup_vs_current"] == 1.0 and all(_positive(row["speedup_vs_current"]) for row in levers)
