@@ -11,7 +11,7 @@ import secrets
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -316,3 +316,26 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     with atomic_path(path) as tmp:
         write(str(tmp))
     return Path(path)
+
+
+def named_rows(builtin: Mapping[str, dict], selected: list[str], extra: Sequence[str], error: Callable[[str], Any]):
+    """The rows of an ablation script: the built-in ``name -> row`` plus each ``NAME=JSON`` of ``extra`` (its JSON
+    object is the row, ``desc`` defaulting to the name; appended to ``selected`` when missing there). ``error(message)``
+    reports a malformed spec or an unknown selected row (``argparse.ArgumentParser.error``)."""
+    rows = dict(builtin)
+    for spec in extra:
+        name, sep, text = spec.partition("=")
+        if not sep:
+            error(f"--row {spec!r}: give NAME=JSON")
+            continue
+        try:
+            rows[name] = {"desc": name, **json.loads(text)}
+        except json.JSONDecodeError as exc:
+            error(f"--row {name}: not JSON ({exc})")
+            continue
+        if name not in selected:
+            selected.append(name)
+    unknown = [r for r in selected if r not in rows]
+    if unknown:
+        error(f"unknown rows {unknown}; --list shows the built-in ones, --row adds one")
+    return rows

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -200,6 +199,8 @@ def save_grid(path: Path, real: np.ndarray, recons: dict[str, np.ndarray], num: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bundle.utils import named_rows, write_json_atomic
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="+", default=["demo_0.5", "latent8"], help="rows to run, in order")
     ap.add_argument("--work-dir", default=str(ROOT / "outputs/autoencoder_ablation"))
@@ -208,24 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reconstructions", type=int, default=0, metavar="N", help="write a PNG of N patches per row")
     ap.add_argument("--list", action="store_true", help="print the built-in rows and exit")
     args = ap.parse_args(argv)
-    rows = dict(ROWS)
-    for spec in args.row:
-        name, sep, text = spec.partition("=")
-        if not sep:
-            ap.error(f"--row {spec!r}: give NAME=JSON")
-        try:
-            rows[name] = {"desc": name, **json.loads(text)}
-        except json.JSONDecodeError as error:
-            ap.error(f"--row {name}: not JSON ({error})")
-        if name not in args.rows:
-            args.rows.append(name)
+    rows = named_rows(ROWS, args.rows, args.row, ap.error)
     if args.list:
         for name, row in rows.items():
             print(f"{name}: {row['desc']}  train={row.get('train', {})}")
         return 0
-    unknown = [r for r in args.rows if r not in rows]
-    if unknown:
-        ap.error(f"unknown rows {unknown}; --list shows the built-in ones, --row adds one")
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     store = work / "autoencoder.json"
@@ -261,9 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             "probe": bench.score(recon),
             "train_s": train_s,
         }
-        tmp = store.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, store)
+        write_json_atomic(store, results)
         print(markdown({name: results[name]}).splitlines()[-1], flush=True)
     table = markdown(results)
     (work / "autoencoder.md").write_text(table)

@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 # name -> description, training overrides (train.json keys), evaluation overrides, model of another row (no training)
 ROWS: dict[str, dict] = {
@@ -171,6 +173,8 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bundle.utils import named_rows, write_json_atomic
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="+", default=["baseline", "latent_cache"], help="rows to run, in order")
     ap.add_argument("--work-dir", default=str(ROOT / "outputs/fidelity"))
@@ -185,24 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="rerun rows already in <work-dir>/fidelity.json")
     ap.add_argument("--list", action="store_true", help="print the built-in rows and exit")
     args = ap.parse_args(argv)
-    rows = dict(ROWS)
-    for spec in args.row:
-        name, sep, text = spec.partition("=")
-        if not sep:
-            ap.error(f"--row {spec!r}: give NAME=JSON")
-        try:
-            rows[name] = {"desc": name, **json.loads(text)}
-        except json.JSONDecodeError as error:
-            ap.error(f"--row {name}: not JSON ({error})")
-        if name not in args.rows:
-            args.rows.append(name)
+    rows = named_rows(ROWS, args.rows, args.row, ap.error)
     if args.list:
         for name, row in rows.items():
             print(f"{name}: {row['desc']}  train={row.get('train', {})} evaluate={row.get('evaluate', {})}")
         return 0
-    unknown = [r for r in args.rows if r not in rows]
-    if unknown:
-        ap.error(f"unknown rows {unknown}; --list shows the built-in ones, --row adds one")
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     store = work / "fidelity.json"
@@ -226,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             "evaluate_s": evaluate_s,
             "summary": summarise(metrics),
         }
-        store.write_text(json.dumps(results, indent=2))
+        write_json_atomic(store, results)
         (work / "fidelity.md").write_text(markdown(results))
     print(markdown({k: results[k] for k in args.rows if k in results}))
     return 0

@@ -99,3 +99,14 @@ def test_tables_print_one_row_per_measured_variant(bench_ae, bench_fid):
         in table
     )
     assert math.isclose(summary["fidelity_ratio"], 0.714, abs_tol=1e-3)
+
+
+def test_named_rows_add_json_rows_and_name_bad_specs():
+    from bundle.utils import named_rows
+
+    errors = []
+    selected = ["a"]
+    rows = named_rows({"a": {"desc": "A"}}, selected, ['b={"train": {"x": 1}}'], errors.append)
+    assert rows["b"] == {"desc": "b", "train": {"x": 1}} and selected == ["a", "b"] and not errors
+    named_rows({}, ["c"], ["bad", "d={"], errors.append)
+    assert [e.split(":")[0][:16] for e in errors] == ["--row 'bad'", "--row d", "unknown rows ['c"]
