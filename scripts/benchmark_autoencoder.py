@@ -110,8 +110,9 @@ def psnr_ssim(real: np.ndarray, recon: np.ndarray) -> tuple[float, float]:
     return psnr, float(SSIMMetric(spatial_dims=2, data_range=1.0)(x, y).mean())
 
 
-def reconstruct(path: Path, real: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Reconstructions (posterior mean, decoded) of uint8 patches by the autoencoder checkpoint at ``path``."""
+def reconstruct(path: Path, real: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, tuple[int, ...], int]:
+    """Reconstructions (posterior mean, decoded) of uint8 patches by the autoencoder checkpoint at ``path``, the
+    latent shape and the autoencoder's parameter count."""
     from bundle.autoencoder import load_autoencoder_checkpoint
 
     autoencoder, _ = load_autoencoder_checkpoint(path)
@@ -122,7 +123,7 @@ def reconstruct(path: Path, real: np.ndarray, batch_size: int = 64) -> tuple[np.
             z_mu = autoencoder.encode(x)[0]
             shape = tuple(z_mu.shape[1:])
             out.append(((autoencoder.decode(z_mu).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
-    return torch.cat(out).numpy(), shape
+    return torch.cat(out).numpy(), shape, sum(p.numel() for p in autoencoder.parameters())
 
 
 class ProbeBench:
@@ -132,6 +133,7 @@ class ProbeBench:
         from bundle.evaluation.labels import spot_labels
         from bundle.evaluation.probe import train_probe
         from bundle.evaluation.spots import load_conditions, load_real_patches, select_spots
+        from bundle.io.gene_panel import load_gene_panel
 
         val, _ = select_spots(dataset_dir, "validation", None, seed)
         train, _ = select_spots(dataset_dir, "training", 4000, seed)
@@ -140,17 +142,17 @@ class ProbeBench:
         _, train_expression = load_conditions(train, store, 0)
         train_labels, self.labels, _ = spot_labels(train, val, train_expression, self.expression, "auto", 6, seed)
         self.real = load_real_patches(val, fov_um, size)
-        genes = json.loads((dataset_dir / "gene_panel.json").read_text())
-        genes = genes["genes"] if isinstance(genes, dict) else genes
+        genes = load_gene_panel(dataset_dir / "gene_panel.json")
         train_images = load_real_patches(train, fov_um, size)
         self.probe = train_probe(train_images, train_expression, genes, train_labels, epochs=8, seed=seed)
         self.seed = seed
+        self.pred_real, self.label_real = self.probe.predict(self.real)  # the same for every row
 
     def score(self, recon: np.ndarray) -> dict:
         from bundle.evaluation.compartments import compartment_agreement
         from bundle.evaluation.fidelity import probe_scores
 
-        pred_real, label_real = self.probe.predict(self.real)
+        pred_real, label_real = self.pred_real, self.label_real
         pred_rec, label_rec = self.probe.predict(recon)
         fid = probe_scores(
             self.probe, self.real, recon, self.expression, seed=self.seed, predictions=(pred_real, pred_rec)
@@ -233,12 +235,9 @@ def main(argv: list[str] | None = None) -> int:
             dataset_dir = Path(ensure_demo_dataset(str(ROOT / "datasets/demo"), fov_um=128.0))
             bench = ProbeBench(dataset_dir, 128.0, 64)
         path = work / name / "models/autoencoder.pt"
-        recon, shape = reconstruct(path, bench.real)
+        recon, shape, params = reconstruct(path, bench.real)
         recons[name] = recon
         psnr, ssim = psnr_ssim(bench.real, recon)
-        from bundle.autoencoder import load_autoencoder_checkpoint
-
-        params = sum(p.numel() for p in load_autoencoder_checkpoint(path)[0].parameters())
         results[name] = {
             "desc": rows[name]["desc"],
             "train": rows[name].get("train", {}),

@@ -48,8 +48,9 @@ def test_reconstruct_decodes_the_posterior_mean_of_a_checkpoint(bench_ae, tmp_pa
     autoencoder = tiny_autoencoder(seed=1).eval()
     path = save_autoencoder_checkpoint(tmp_path / "autoencoder.pt", autoencoder, 0.7, network_kwargs=TINY_AUTOENCODER)
     real = np.random.default_rng(1).integers(0, 256, size=(5, 3, 16, 16), dtype=np.uint8)
-    recon, shape = bench_ae.reconstruct(path, real, batch_size=2)
+    recon, shape, params = bench_ae.reconstruct(path, real, batch_size=2)
     assert recon.dtype == np.uint8 and recon.shape == real.shape and shape == (3, 8, 8)
+    assert params == sum(p.numel() for p in autoencoder.parameters())
     with torch.no_grad():
         x = torch.as_tensor(real).float() / 127.5 - 1
         expected = autoencoder.decode(autoencoder.encode(x)[0]).clamp(-1, 1)
