@@ -115,3 +115,57 @@ def save_executed_config(output_dir: str | os.PathLike, argv: Sequence[str] | No
     with atomic_path(path, suffix=".json") as tmp:
         ConfigParser.export_config_file(parser.get(), str(tmp), fmt="json", indent=4)
     return [str(path)]
+
+
+def balanced_sampler(
+    datalist: Sequence[dict],
+    expression_store: str | os.PathLike,
+    power: float | None = 0.5,
+    num_clusters: int = 8,
+    seed: int = 0,
+) -> torch.utils.data.WeightedRandomSampler | None:
+    """A sampler that draws rare tissue more often: spots weighted by their expression cluster's size to ``-power``.
+
+    The training spots are clustered by :func:`bundle.evaluation.labels.expression_clusters` (k-means on the PCA of
+    their expression, as the evaluation labels spots without ground truth), and spot ``i`` in a cluster of ``n`` spots
+    is drawn with weight ``n ** -power``: ``power`` 0.5 is square-root sampling, 1 draws every cluster equally often,
+    None or 0 switches balancing off (returns None, so the data loader shuffles as usual). An epoch still has
+    ``len(datalist)`` draws, with replacement, from a generator seeded with ``seed``.
+
+    Args:
+        datalist: training entries, each with its ``expression`` row in ``expression_store``.
+        expression_store: the dataset's ``expression.npy``.
+        power: exponent of the cluster size (config key ``balance_power``), in [0, 1].
+        num_clusters: k-means clusters (config key ``balance_clusters``).
+        seed: k-means and sampler seed.
+    """
+    if power is None or float(power) == 0.0:
+        return None
+    if not 0.0 < float(power) <= 1.0:
+        raise ValueError(f"balance_power must be None or within [0, 1] (0.5: square-root sampling), got {power}.")
+    datalist = list(datalist)
+    if len(datalist) < num_clusters:
+        raise ValueError(
+            f"balance_clusters={num_clusters} is more than the {len(datalist)} training spots; "
+            "lower balance_clusters or set balance_power to None."
+        )
+    from bundle.evaluation.labels import expression_clusters
+
+    store = np.load(expression_store, mmap_mode="r")
+    expression = np.asarray(store[[int(entry["expression"]) for entry in datalist]], np.float64)
+    labels, _ = expression_clusters(expression, expression[:1], num_clusters=num_clusters, seed=seed)
+    sizes = np.bincount(labels, minlength=num_clusters).astype(np.float64)
+    weights = sizes[labels] ** -float(power)
+    generator = torch.Generator().manual_seed(int(seed))
+    return torch.utils.data.WeightedRandomSampler(
+        torch.as_tensor(weights, dtype=torch.double), num_samples=len(datalist), replacement=True, generator=generator
+    )
+
+
+def refuse_balanced_distributed(power: float | None) -> None:
+    """Refuse ``balance_power`` under torchrun: each rank's DistributedSampler shard is drawn uniformly."""
+    if power:
+        raise ValueError(
+            f"balance_power={power} is not supported by multi_gpu_train.json (its DistributedSampler draws each rank's "
+            "shard uniformly); set --balance_power None or train in one process."
+        )
