@@ -182,6 +182,45 @@ def test_edit_directionality_known_answer():
     assert raised["edits"]["CD3E=3"]["fraction"] == 1.0 and raised["edits"]["CD3E=3"]["n"] == 12
 
 
+class CountingDarkener(Darkener):
+    """:class:`Darkener` that counts the patches it draws."""
+
+    drawn = 0
+
+    def __call__(self, condition: torch.Tensor, generator=None) -> torch.Tensor:
+        self.drawn += len(condition)
+        return super().__call__(condition, generator)
+
+
+def test_edits_scored_where_they_act():
+    """A silencing edit skips spots that barely express the genes (min_shift); picks choose and bound the spots."""
+    genes = ["PTPRC", "CD3E", "CD74", "COL1A1", "EPCAM", "ACTB"]
+    immune = [0, 1, 2]
+    expression = np.random.default_rng(1).uniform(1.0, 2.0, size=(20, len(genes))).astype(np.float32)
+    expression[:4, immune] = 0.3  # low immune: x4 moves it by 0.58 log units, silencing by only 0.3
+    conditions = np.repeat(expression[:, None], 3, axis=1)
+    probe, edits, seeds = darkness_probe(genes, immune), ["immune*4", "immune*0"], list(range(20))
+    out = E.edit_directionality(Darkener(immune), probe, conditions, expression, genes, edits, seeds, min_shift=0.5)
+    assert out["min_shift"] == 0.5 and out["num_spots"] == 20
+    assert out["edits"]["immune*4"]["eligible"] == 20 and out["edits"]["immune*4"]["n"] == 20
+    assert out["edits"]["immune*0"]["eligible"] == 16 and out["edits"]["immune*0"]["skipped"] == 4
+    assert out["edits"]["immune*0"]["n"] == 16 and out["overall_n"] == 36
+    # the choice: a seeded subset of the spots each edit acts on, the same spots where they act on the same ones
+    picks = {e: E.edit_spots(e, conditions, expression, genes, 6, seed=3, min_shift=0.5) for e in edits}
+    assert all(len(p) == 6 and list(p) == sorted(p) for p in picks.values())
+    assert not set(picks["immune*0"].tolist()) & {0, 1, 2, 3}
+    assert list(E.edit_spots("immune*0", conditions, expression, genes, 6, seed=3, min_shift=0.5)) == list(
+        picks["immune*0"]
+    )
+    assert len(E.edit_spots("immune*0", conditions, expression, genes, None, min_shift=0.5)) == 16
+    assert len(E.edit_spots("immune*0", conditions, expression, genes, None, min_shift=5.0)) == 0
+    drawer = CountingDarkener(immune)
+    chosen = E.edit_directionality(drawer, probe, conditions, expression, genes, edits, seeds, picks=picks)
+    union = set(picks["immune*4"].tolist()) | set(picks["immune*0"].tolist())
+    assert chosen["num_spots"] == len(union) and drawer.drawn == len(union) + 12  # originals once, then each edit
+    assert all(chosen["edits"][e]["n"] == 6 and chosen["edits"][e]["fraction"] == 1.0 for e in edits)
+
+
 def test_settings_and_patch_cache(tmp_path):
     from bundle.evaluation.generation import cached_array, generated_size, safe_name
 
@@ -569,7 +608,9 @@ def test_config_end_to_end(tiny_model, demo_dataset, test_split_dataset, tmp_pat
     assert "not computed" in metrics["realism"]["inception"]["skipped"]
     assert metrics["settings"]["num_spots"] == 24 and metrics["settings"]["iteration"] == 3
     assert metrics["settings"]["num_inference_steps"] == 2 and metrics["settings"]["model_path"].endswith("model.pt")
-    assert len(metrics["fidelity"]["ceiling_r"]) == 48 and metrics["edits"]["num_spots"] == 4
+    assert len(metrics["fidelity"]["ceiling_r"]) == 48 and 4 <= metrics["edits"]["num_spots"] <= 8
+    assert all(e["n"] == min(4, e["eligible"]) for e in metrics["edits"]["edits"].values())
+    assert metrics["settings"]["num_edit_spots"] == 4 and metrics["settings"]["edit_min_shift"] == 0.5
     cached = sorted(p.name for p in (tmp_path / "offline" / "eval" / "generated").glob("*.npy"))
     assert len(cached) == 3  # validation patches + two edits
     _self_contained((tmp_path / "offline" / "eval" / "report.html").read_text())

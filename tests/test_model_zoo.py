@@ -30,6 +30,9 @@ COMBINATIONS = [
     ["inference.json", "demo.json"],
     ["evaluate.json"],
     ["evaluate.json", "demo.json"],
+    ["train.json", "demo.json", "demo_long.json"],
+    ["inference.json", "demo.json", "demo_long.json"],
+    ["evaluate.json", "demo.json", "demo_long.json"],
 ]
 
 
@@ -106,6 +109,25 @@ def test_configs_parse_and_every_target_and_reference_resolves(names):
         if text.startswith(("$", "@")):
             for ref in re.findall(r"@([A-Za-z_][\w#]*)", text):
                 assert ref in parser, f"{'+'.join(names)}: {text!r} refers to the missing id {ref!r}"
+
+
+def test_demo_long_widens_the_demo_and_keeps_its_model():
+    """demo_long.json changes only what it says (autoencoder width, iterations) and writes to its own folders."""
+    configs = {}
+    for layers in (["train.json", "demo.json"], ["train.json", "demo.json", "demo_long.json"]):
+        parser = ConfigParser()
+        parser.read_config([str(CONFIGS / n) for n in layers])
+        parser["bundle_root"] = "/root"
+        configs[len(layers)] = parser
+    short, long = configs[2], configs[3]
+    assert long["autoencoder_kwargs"]["channels"] == [32, 64] and short["autoencoder_kwargs"]["channels"] == [16, 32]
+    rest = {k: v for k, v in long["autoencoder_kwargs"].items() if k != "channels"}
+    assert rest == {k: v for k, v in short["autoencoder_kwargs"].items() if k != "channels"}
+    assert long["num_iterations"] == 2 * short["num_iterations"] and long["unet_kwargs"] == short["unet_kwargs"]
+    assert long.get_parsed_content("ckpt_dir") == "/root/models/demo_long"
+    assert long.get_parsed_content("output_dir") == "/root/outputs/demo_long"
+    autoencoder = long.get_parsed_content("autoencoder_def")
+    assert autoencoder.encoder.blocks[0].conv.out_channels == 32
 
 
 def _targets(obj):

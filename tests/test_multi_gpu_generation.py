@@ -280,7 +280,7 @@ def test_evaluation_two_processes_match_one(tiny, tmp_path):
     one, two = tmp_path / "one" / "eval", tmp_path / "two" / "eval"
     reference = comparable_metrics(one)
     assert comparable_metrics(two) == reference  # generated patches identical, so every score is too
-    assert reference["settings"]["num_spots"] == 8 and reference["edits"]["num_spots"] == 2
+    assert reference["settings"]["num_spots"] == 8 and 2 <= reference["edits"]["num_spots"] <= 4
     assert (two / "per_gene.csv").read_text() == (one / "per_gene.csv").read_text()
     np.testing.assert_array_equal(
         np.asarray(Image.open(two / "real_vs_generated.png")), np.asarray(Image.open(one / "real_vs_generated.png"))

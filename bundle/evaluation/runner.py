@@ -27,7 +27,7 @@ import torch
 
 from bundle.distributed import rank
 from bundle.evaluation.compartments import compartment_agreement
-from bundle.evaluation.edits import _edited_conditions, edit_directionality, usable_edits
+from bundle.evaluation.edits import _edited_conditions, edit_directionality, edit_spots, usable_edits
 from bundle.evaluation.fidelity import probe_scores, write_per_gene_table
 from bundle.evaluation.figure import write_real_vs_generated
 from bundle.evaluation.generation import Generator, cached_array, generate_patches, generated_size, key_hash
@@ -91,13 +91,14 @@ class EvaluationSpots:
 
 @dataclass
 class _EditPlan:
-    """The edits scored for directionality (``scored``: ``num_edit_spots``, ``edits``, ``edits_dropped`` for the
-    settings record), the spots they are scored on (``pick``, None when none) and their generated patches (None on
-    ranks other than 0)."""
+    """The edits scored for directionality (``scored``: ``num_edit_spots``, ``edit_min_shift``, ``edits``,
+    ``edits_dropped`` for the settings record), the spots each is scored on (``picks``, indices into the evaluated
+    spots; empty when none) and their generated patches (None on ranks other than 0)."""
 
     scored: dict[str, Any]
     gene_sets: Mapping[str, Any] | None = None
-    pick: np.ndarray | None = None
+    min_shift: float = 0.0
+    picks: dict[str, np.ndarray] = field(default_factory=dict)
     patches: dict[str, np.ndarray | None] = field(default_factory=dict)
 
 
@@ -335,33 +336,53 @@ def _score_probe(
 def _generate_edits(
     generator: Generator, spots: EvaluationSpots, settings: EditSettings, batch_size: int, cache: Callable, seed: int
 ) -> _EditPlan:
-    """The edits that touch the panel, a seeded choice of the spots, and each edit's patches of those spots (cached),
-    for every edit that changes a chosen spot's condition: the patches :func:`edit_directionality` would generate."""
+    """The edits that touch the panel, for each a seeded choice of the spots it acts on (:func:`edit_spots`) and its
+    patches of those spots (cached): the patches :func:`edit_directionality` would generate."""
     from bundle.sampling.edits import parse_edit
 
     edits = list(settings.edits or [])
     kept = usable_edits(edits, spots.genes, settings.gene_sets) if edits else []
     scored = {
-        "num_edit_spots": int(min(settings.num_spots or 0, len(spots.entries))) if kept else 0,
+        "num_edit_spots": int(settings.num_spots or 0) if kept else 0,
+        "edit_min_shift": float(settings.min_shift),
         "edits": kept,
         "edits_dropped": [e for e in edits if e not in kept],
     }
-    plan = _EditPlan(scored, settings.gene_sets)
+    plan = _EditPlan(scored, settings.gene_sets, float(settings.min_shift))
     if not (kept and settings.num_spots):
         return plan
-    plan.pick = np.sort(np.random.default_rng(seed + 1).permutation(len(spots.entries))[: int(settings.num_spots)])
-    conditions = np.asarray(spots.conditions[plan.pick], np.float32)
-    seeds = [spots.seeds[i] for i in plan.pick]
     for name in kept:
-        edited, idx, _, keep = _edited_conditions(
-            parse_edit(name), conditions, spots.expression[plan.pick], spots.genes, settings.gene_sets
+        edit = parse_edit(name)
+        pick = edit_spots(
+            edit,
+            spots.conditions,
+            spots.expression,
+            spots.genes,
+            settings.num_spots,
+            seed + 1,
+            settings.gene_sets,
+            settings.min_shift,
         )
-        if not keep.any():
-            continue  # no chosen spot changes: the edit is reported unscored, nothing is generated
+        plan.picks[name] = pick
+        if not len(pick):
+            continue  # the edit acts on no evaluated spot: it is reported unscored, nothing is generated
+        edited, idx, _, _ = _edited_conditions(
+            edit,
+            np.asarray(spots.conditions[pick], np.float32),
+            spots.expression[pick],
+            spots.genes,
+            settings.gene_sets,
+        )
         # the edited genes belong to the cache key: one edit name means other genes with another gene-set file
-        key = {"what": f"edit {name}", "pick": plan.pick.tolist(), "edited_genes": [spots.genes[i] for i in idx]}
+        key = {"what": f"edit {name}", "pick": pick.tolist(), "edited_genes": [spots.genes[i] for i in idx]}
         compute = functools.partial(
-            generate_patches, generator, edited, seeds, batch_size, f"edit {name}", sharded=True
+            generate_patches,
+            generator,
+            edited,
+            [spots.seeds[i] for i in pick],
+            batch_size,
+            f"edit {name}",
+            sharded=True,
         )
         plan.patches[name] = cache(f"edit_{name}", key, compute)[0]
     return plan
@@ -371,7 +392,7 @@ def _score_edits(
     generator: Generator, probe: Probe, spots: EvaluationSpots, generated: np.ndarray, plan: _EditPlan, batch_size: int
 ) -> dict[str, Any]:
     """Directionality of the planned edits (:func:`_generate_edits`) on their spots, from their generated patches."""
-    if plan.pick is None:
+    if not plan.picks:
         return {}
 
     def generated_edit(name: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
@@ -380,15 +401,17 @@ def _score_edits(
     return edit_directionality(
         generator,
         probe,
-        spots.conditions[plan.pick],
-        spots.expression[plan.pick],
+        spots.conditions,
+        spots.expression,
         spots.genes,
         plan.scored["edits"],
-        [spots.seeds[i] for i in plan.pick],
-        generated[plan.pick],
+        spots.seeds,
+        generated,
         batch_size,
         generated_edit,
         plan.gene_sets,
+        plan.picks,
+        plan.min_shift,
     )
 
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from bundle.evaluation.edits import DEFAULT_EDITS
+from bundle.evaluation.edits import DEFAULT_EDITS, DEFAULT_MIN_SHIFT
 
 if TYPE_CHECKING:
     from bundle.evaluation.image_realism import RealismExtractors
@@ -185,7 +185,10 @@ class EditSettings:
 
     Attributes:
         edits: edits scored (``immune*4``, ``hypoxia*0``, ...; None or empty: skip).
-        num_spots: spots per edit (a seeded choice among the evaluated spots).
+        num_spots: spots per edit: a seeded choice among the evaluated spots the edit acts on
+            (:func:`bundle.evaluation.edits.edit_spots`).
+        min_shift: an edit acts on a spot when it moves the edited genes of the spot's own expression by at least
+            this much on average (log1p-normalised units; :data:`bundle.evaluation.edits.DEFAULT_MIN_SHIFT`).
         gene_sets: the named gene sets the edits may use, ``{"name": ["GENE", ...]}``; None: the built-in sets
             (:func:`bundle.sampling.edits.builtin_gene_sets`). ``configs/evaluate.json`` passes
             ``bundle.sampling.generation.load_gene_sets(@gene_sets_file)``: the built-in sets plus, overriding them,
@@ -193,8 +196,9 @@ class EditSettings:
     """
 
     edits: Sequence[str] | None = DEFAULT_EDITS
-    num_spots: int = 32
+    num_spots: int = 64
     gene_sets: Mapping[str, Sequence[str]] | None = None
+    min_shift: float = DEFAULT_MIN_SHIFT
 
 
 @dataclass
