@@ -328,6 +328,8 @@ def test_evaluate_oracle_vs_shuffled_reports(demo_dataset, spots, probe, tmp_pat
     assert f"{good['summary']['fidelity_r_mean']:.3f}" in report
     assert f"{good['summary']['compartment_generated_agreement']:.3f}" in report
     assert "not computed" in report and report.count("<img") == 2 * min(24, n)
+    immune = saved["edits"]["edits"]["immune*4"]
+    assert f"{immune['n']} (of {immune['eligible']})" in report and "by at least 0.5 (log1p units" in report
 
     # MLflow: both runs with their metrics and artifacts
     client = MlflowClient(tracking_uri=uri)

@@ -337,6 +337,12 @@ def _compartments_section(compartments: Mapping[str, Any], settings: Mapping[str
     ]
 
 
+def _scored(res: Mapping[str, Any]) -> str:
+    """``n (of eligible)`` for an edit's record; ``n`` alone for records without ``eligible``."""
+    n, eligible = res.get("n", 0), res.get("eligible")
+    return f"{n} (of {eligible})" if eligible is not None else str(n)
+
+
 def _edits_section(edits: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str]:
     """One row per edit and the pooled row, and the edits dropped (nothing when no edit was scored)."""
     if not edits:
@@ -344,14 +350,15 @@ def _edits_section(edits: Mapping[str, Any], settings: Mapping[str, Any]) -> lis
     esc = html.escape
     out = [
         "<h2>Edit directionality</h2>",
-        "<table><tr><th>edit</th><th>genes in panel</th><th>spots</th><th>moved right way</th><th>fraction</th>"
+        "<table><tr><th>edit</th><th>genes in panel</th><th>spots scored (of those it acts on)</th>"
+        "<th>moved right way</th><th>fraction</th>"
         "<th>mean signed shift (sd)</th><th>sign-test p</th></tr>",
     ]
     for name, res in edits.get("edits", {}).items():
         genes = res.get("genes", [])
         shown = ", ".join(genes[:6]) + (f" +{len(genes) - 6}" if len(genes) > 6 else "")
         out.append(
-            f"<tr><td>{esc(name)}</td><td>{esc(shown)}</td><td class='num'>{res.get('n', 0)}</td>"
+            f"<tr><td>{esc(name)}</td><td>{esc(shown)}</td><td class='num'>{_scored(res)}</td>"
             f"<td class='num'>{_fmt(res.get('moved'))}</td><td class='num'>{_fmt(res.get('fraction'))}</td>"
             f"{_td(res.get('mean_signed_shift'))}{_td(res.get('p_value'))}</tr>"
         )
@@ -359,6 +366,11 @@ def _edits_section(edits: Mapping[str, Any], settings: Mapping[str, Any]) -> lis
         f"<tr><th>all</th><td></td><td class='num'>{edits.get('overall_n', 0)}</td><td></td>"
         f"{_td(edits.get('overall_fraction'))}<td></td>{_td(edits.get('overall_p_value'))}</tr></table>"
     )
+    if settings.get("edit_min_shift") is not None:
+        out.append(
+            f"<p class='note'>Each edit is scored on up to {settings.get('num_edit_spots')} spots where it moves the "
+            f"spot's own edited genes by at least {settings['edit_min_shift']:g} (log1p units, on average).</p>"
+        )
     dropped = settings.get("edits_dropped") or []
     if dropped:
         out.append(f"<p class='note'>Dropped (no gene of the set in the panel): {esc(', '.join(dropped))}.</p>")
