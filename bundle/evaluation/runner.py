@@ -27,7 +27,7 @@ import torch
 
 from bundle.distributed import rank
 from bundle.evaluation.compartments import compartment_agreement
-from bundle.evaluation.edits import _edited_conditions, edit_directionality, edit_spots, usable_edits
+from bundle.evaluation.edits import edit_directionality, edit_spots, usable_edits
 from bundle.evaluation.fidelity import probe_scores, write_per_gene_table
 from bundle.evaluation.figure import write_real_vs_generated
 from bundle.evaluation.generation import Generator, cached_array, generate_patches, generated_size, key_hash
@@ -97,7 +97,6 @@ class _EditPlan:
 
     scored: dict[str, Any]
     gene_sets: Mapping[str, Any] | None = None
-    min_shift: float = 0.0
     picks: dict[str, np.ndarray] = field(default_factory=dict)
     patches: dict[str, np.ndarray | None] = field(default_factory=dict)
 
@@ -338,7 +337,7 @@ def _generate_edits(
 ) -> _EditPlan:
     """The edits that touch the panel, for each a seeded choice of the spots it acts on (:func:`edit_spots`) and its
     patches of those spots (cached): the patches :func:`edit_directionality` would generate."""
-    from bundle.sampling.edits import parse_edit
+    from bundle.sampling.edits import apply_edits, parse_edit, resolve_edit
 
     edits = list(settings.edits or [])
     kept = usable_edits(edits, spots.genes, settings.gene_sets) if edits else []
@@ -348,7 +347,7 @@ def _generate_edits(
         "edits": kept,
         "edits_dropped": [e for e in edits if e not in kept],
     }
-    plan = _EditPlan(scored, settings.gene_sets, float(settings.min_shift))
+    plan = _EditPlan(scored, settings.gene_sets)
     if not (kept and settings.num_spots):
         return plan
     for name in kept:
@@ -366,13 +365,8 @@ def _generate_edits(
         plan.picks[name] = pick
         if not len(pick):
             continue  # the edit acts on no evaluated spot: it is reported unscored, nothing is generated
-        edited, idx, _, _ = _edited_conditions(
-            edit,
-            np.asarray(spots.conditions[pick], np.float32),
-            spots.expression[pick],
-            spots.genes,
-            settings.gene_sets,
-        )
+        idx = resolve_edit(edit, spots.genes, settings.gene_sets)
+        edited = apply_edits(spots.conditions[pick], spots.genes, [edit], settings.gene_sets)
         # the edited genes belong to the cache key: one edit name means other genes with another gene-set file
         key = {"what": f"edit {name}", "pick": pick.tolist(), "edited_genes": [spots.genes[i] for i in idx]}
         compute = functools.partial(
@@ -411,7 +405,7 @@ def _score_edits(
         generated_edit,
         plan.gene_sets,
         plan.picks,
-        plan.min_shift,
+        plan.scored["edit_min_shift"],
     )
 
 
