@@ -7,7 +7,8 @@ demo validation spots, and reports what the evaluation measures against its real
 
 - compartment agreement of generated patches / the real patches' accuracy, and the worst compartment's recall;
 - fidelity probe r (pooled mean over genes) / the ceiling r on real patches;
-- edit directionality, pooled and per built-in edit;
+- edit directionality, pooled and per built-in edit (in parentheses: the mean over several probes when the row's
+  evaluation sets ``edit_probe_seeds``, e.g. ``"evaluate": {"edit_probe_seeds": 5}``);
 - training and evaluation wall time.
 
 A row's ``"autoencoder"`` names a stage-1 checkpoint to start from (e.g. a row of ``scripts/benchmark_autoencoder.py``);
@@ -138,6 +139,11 @@ def summarise(metrics: dict) -> dict:
         for k, v in s.items()
         if k.startswith("edit_") and k.endswith("_fraction")
     }
+    probe_means = {
+        k.removeprefix("edit_").removesuffix("_probe_mean"): v
+        for k, v in s.items()
+        if k.startswith("edit_") and k.endswith("_probe_mean") and k != "edit_directionality_probe_mean"
+    }
     return {
         "compartment_real": s["compartment_real_accuracy"],
         "compartment_generated": s["compartment_generated_agreement"],
@@ -149,7 +155,14 @@ def summarise(metrics: dict) -> dict:
         "fidelity_ratio": s["fidelity_r_mean"] / s["ceiling_r_mean"],
         "edit_pooled": s["edit_directionality"],
         "edits": edits,
+        "edit_pooled_probe_mean": s.get("edit_directionality_probe_mean"),
+        "edits_probe_mean": probe_means,
     }
+
+
+def _rate(value: float, probe_mean: float | None) -> str:
+    """``0.81``, or ``0.81 (0.76)`` with the mean over several probes."""
+    return f"{value:.2f}" + (f" ({probe_mean:.2f})" if probe_mean is not None else "")
 
 
 def markdown(results: dict) -> str:
@@ -161,13 +174,15 @@ def markdown(results: dict) -> str:
     for name, r in results.items():
         m = r["summary"]
         worst = f"{m['worst_compartment'][0]} ({m['worst_compartment'][1]:.2f})" if m["worst_compartment"] else "-"
-        edits = ", ".join(f"{k} {v:.2f}" for k, v in m["edits"].items())
+        means = m.get("edits_probe_mean") or {}
+        edits = ", ".join(f"{k} {_rate(v, means.get(k))}" for k, v in m["edits"].items())
+        pooled = _rate(m["edit_pooled"], m.get("edit_pooled_probe_mean"))
         train = f"{r['train_s'] / 60:.1f}" if r.get("train_s") else "-"
         lines.append(
             f"| {name} | {r['desc']} | {m['compartment_generated']:.3f} / {m['compartment_real']:.3f} | "
             f"{m['compartment_ratio']:.0%} | {m['compartments_recognised'][0]}/{m['compartments_recognised'][1]} | "
             f"{worst} | {m['fidelity_r']:.3f} / {m['ceiling_r']:.3f} | "
-            f"{m['fidelity_ratio']:.0%} | {m['edit_pooled']:.2f} | {edits} | {train} | {r['evaluate_s'] / 60:.1f} |"
+            f"{m['fidelity_ratio']:.0%} | {pooled} | {edits} | {train} | {r['evaluate_s'] / 60:.1f} |"
         )
     return "\n".join(lines) + "\n"
 

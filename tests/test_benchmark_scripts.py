@@ -100,6 +100,25 @@ def test_tables_print_one_row_per_measured_variant(bench_ae, bench_fid):
         in table
     )
     assert math.isclose(summary["fidelity_ratio"], 0.714, abs_tol=1e-3)
+    # an evaluation with edit_probe_seeds: each rate is followed by its mean over the probes
+    metrics = {
+        "summary": {
+            "compartment_real_accuracy": 0.8,
+            "compartment_generated_agreement": 0.6,
+            "ceiling_r_mean": 0.7,
+            "fidelity_r_mean": 0.5,
+            "edit_directionality": 0.8,
+            "edit_immune*4_fraction": 0.7,
+            "edit_directionality_probe_mean": 0.75,
+            "edit_immune*4_probe_mean": 0.65,
+        },
+        "compartments": {"per_class": {"immune": {"generated_agreement": 0.1}, "stroma": {"generated_agreement": 0.9}}},
+    }
+    seeded = bench_fid.summarise(metrics)
+    assert seeded["edits"] == {"immune*4": 0.7} and seeded["edits_probe_mean"] == {"immune*4": 0.65}
+    assert seeded["compartments_recognised"] == [1, 2] and seeded["worst_compartment"] == ("immune", 0.1)
+    table = bench_fid.markdown({"r": {"desc": "d", "summary": seeded, "train_s": None, "evaluate_s": 90.0}})
+    assert "| 0.80 (0.75) | immune*4 0.70 (0.65) | - | 1.5 |" in table
 
 
 def test_named_rows_add_json_rows_and_name_bad_specs():

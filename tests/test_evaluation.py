@@ -221,6 +221,30 @@ def test_edits_scored_where_they_act():
     assert all(chosen["edits"][e]["n"] == 6 and chosen["edits"][e]["fraction"] == 1.0 for e in edits)
 
 
+def test_probe_seed_summary_and_setting():
+    """Each edit's rates under several probes, with their mean and range; the setting takes whole numbers >= 1."""
+
+    def result(fractions: dict, overall: float) -> dict:
+        return {"edits": {k: {"fraction": v} for k, v in fractions.items()}, "overall_fraction": overall}
+
+    runs = [
+        result({"immune*4": 0.75, "hypoxia*0": None}, 0.75),
+        result({"immune*4": 0.5, "hypoxia*0": None}, 0.5),
+        result({"immune*4": 1.0, "hypoxia*0": None}, 1.0),
+    ]
+    summary = E.probe_seed_summary(runs, [7, 8, 9])
+    assert summary["seeds"] == [7, 8, 9]
+    assert summary["edits"]["immune*4"] == {"fractions": [0.75, 0.5, 1.0], "mean": 0.75, "min": 0.5, "max": 1.0}
+    assert summary["edits"]["hypoxia*0"]["mean"] is None  # not scored (acts on no spot) under any probe
+    assert summary["overall"]["mean"] == 0.75 and summary["overall"]["min"] == 0.5
+    with pytest.raises(ValueError, match="one edit-directionality result per probe seed"):
+        E.probe_seed_summary(runs, [7, 8])
+    assert S.EditSettings().probe_seeds == 1 and S.EditSettings(probe_seeds="3").probe_seeds == 3
+    for bad in (0, 1.5, True, "five", None, float("inf")):
+        with pytest.raises(ValueError, match="edit_probe_seeds must be a whole number of at least 1"):
+            S.EditSettings(probe_seeds=bad)
+
+
 def test_settings_and_patch_cache(tmp_path):
     from bundle.evaluation.generation import cached_array, generated_size, safe_name
 
@@ -354,6 +378,62 @@ def test_evaluate_oracle_vs_shuffled_reports(demo_dataset, spots, probe, tmp_pat
     assert oracle.calls == calls and again["settings"]["generated_from_cache"]
     assert again["fidelity"]["fidelity_r_mean"] == pytest.approx(good["fidelity"]["fidelity_r_mean"])
     assert again["edits"]["overall_fraction"] == good["edits"]["overall_fraction"]
+
+
+def test_edit_rates_under_several_probe_seeds(demo_dataset, spots, probe, tmp_path, empty_hub, monkeypatch):
+    """edit_probe_seeds 3: the same edited patches read by CNN probes of seeds 5, 6, 7, without generating again; a
+    probe that cannot be retrained is refused before anything is generated."""
+    data = S.DataSettings(demo_dataset, FOV_UM, SIZE, 6, genes=spots["genes"], num_spots=40)
+    realism = S.RealismSettings(require_inception=False, kid_subsets=5)
+    edits = S.EditSettings(["immune*4", "immune*0"], num_spots=8, probe_seeds=3)
+    oracle = Oracle(spots["expression"], spots["real"])
+    with pytest.raises(ValueError, match="a trained probe was passed in"):
+        E.evaluate(
+            oracle,
+            data,
+            S.OutputSettings(tmp_path / "given"),
+            probe=S.ProbeSettings(trained=probe),
+            realism=realism,
+            edits=edits,
+        )
+    assert oracle.calls == 0 and not (tmp_path / "given").exists()
+
+    trained_with = []
+
+    def recording_train_probe(*args, **kwargs):
+        trained_with.append(args[9])  # the seed
+        return E.train_probe(*args, **kwargs)
+
+    monkeypatch.setattr("bundle.evaluation.runner.train_probe", recording_train_probe)
+    settings = S.ProbeSettings(epochs=2, width=4, batch_size=64, max_train_spots=200)
+    metrics = E.evaluate(
+        oracle, data, S.OutputSettings(tmp_path / "eval"), probe=settings, realism=realism, edits=edits, seed=5
+    )
+    calls = oracle.calls
+    single = E.evaluate(
+        oracle,
+        data,
+        S.OutputSettings(tmp_path / "single"),
+        probe=settings,
+        realism=realism,
+        edits=S.EditSettings(["immune*4", "immune*0"], num_spots=8),
+        seed=5,
+    )
+    assert oracle.calls == 2 * calls  # the extra probes read the patches already generated
+    assert trained_with == [5, 6, 7, 5]  # the evaluation's probe, the two extra ones, then the single-probe run's
+    by_seed = metrics["edits"]["probe_seeds"]
+    assert by_seed["seeds"] == [5, 6, 7] and metrics["settings"]["edit_probe_seeds"] == 3
+    assert "probe_seeds" not in single["edits"] and single["settings"]["edit_probe_seeds"] == 1
+    for name in ("immune*4", "immune*0"):
+        rates = by_seed["edits"][name]["fractions"]
+        # the first probe is the evaluation's own: its rate is the edit's rate, as without extra probes
+        assert rates[0] == metrics["edits"]["edits"][name]["fraction"] == single["edits"]["edits"][name]["fraction"]
+        assert by_seed["edits"][name]["mean"] == pytest.approx(np.mean(rates))
+        assert metrics["summary"][f"edit_{name}_probe_mean"] == pytest.approx(np.mean(rates))
+    assert metrics["summary"]["edit_directionality_probe_mean"] == pytest.approx(by_seed["overall"]["mean"])
+    assert "timings" in metrics and "edit_probe_seeds" in metrics["timings"]
+    report = (tmp_path / "eval" / "report.html").read_text()
+    assert "fraction under 3 probes: mean (range)" in report and "seeds 5, 6, 7" in report
 
 
 @pytest.fixture(scope="module")
@@ -503,6 +583,16 @@ def test_encoder_probe_and_encoder_fid(demo_dataset, spots, tmp_path, empty_hub)
     assert metrics["fidelity"]["fidelity_r_mean"] == pytest.approx(metrics["fidelity"]["ceiling_r_mean"], abs=1e-6)
     # the oracle hands back the real patches themselves: the two sets are identical, so FID is (numerically) 0
     assert abs(metrics["summary"]["fid_tiny_encoder"]) < 1e-3
+    # the encoder probe (ridge regression) has no seed to vary: several probe seeds are refused before any work
+    with pytest.raises(ValueError, match="the encoder probe .* has no seed to vary"):
+        E.evaluate(
+            oracle,
+            S.DataSettings(demo_dataset, FOV_UM, SIZE, 6),
+            S.OutputSettings(tmp_path / "seeds"),
+            realism=S.RealismSettings(require_inception="false", encoder_path=path),
+            edits=S.EditSettings(probe_seeds=2),
+        )
+    assert not (tmp_path / "seeds").exists()
     assert "fid" not in metrics["summary"] and "kid_mean_tiny_encoder" in metrics["summary"]
     with pytest.raises(ValueError, match="require_inception must be true or false"):
         E.load_realism_extractors(require_inception="maybe")
@@ -602,8 +692,14 @@ def test_config_end_to_end(tiny_model, demo_dataset, test_split_dataset, tmp_pat
     sets_file = tmp_path / "sets.json"
     sets_file.write_text(json.dumps({"immune": [genes[2], genes[9]]}))
     metrics = run_evaluate(
-        tiny_model, demo_dataset, tmp_path / "offline", require_inception=False, gene_sets_file=str(sets_file)
+        tiny_model,
+        demo_dataset,
+        tmp_path / "offline",
+        require_inception=False,
+        gene_sets_file=str(sets_file),
+        edit_probe_seeds=2,
     )
+    assert metrics["settings"]["edit_probe_seeds"] == 2 and metrics["edits"]["probe_seeds"]["seeds"] == [0, 1]
     assert metrics["edits"]["edits"]["immune*4"]["genes"] == [genes[2], genes[9]]
     assert metrics["settings"]["gene_sets_file"] == str(sets_file) and metrics["settings"]["split"] == "validation"
     assert Path(metrics["outputs"]["real_vs_generated"]).is_file()

@@ -43,7 +43,14 @@ scikit-learn, scipy, pytorch-fid, PIL and mlflow are imported inside the functio
 from __future__ import annotations
 
 from bundle.evaluation.compartments import compartment_agreement
-from bundle.evaluation.edits import DEFAULT_EDITS, DEFAULT_MIN_SHIFT, edit_directionality, edit_spots, usable_edits
+from bundle.evaluation.edits import (
+    DEFAULT_EDITS,
+    DEFAULT_MIN_SHIFT,
+    edit_directionality,
+    edit_spots,
+    probe_seed_summary,
+    usable_edits,
+)
 from bundle.evaluation.fidelity import pearson_per_column, probe_scores, top_gene_summary, write_per_gene_table
 from bundle.evaluation.figure import figure_spots, write_real_vs_generated
 from bundle.evaluation.generation import checkpoint_fingerprint, generate_patches
@@ -79,6 +86,7 @@ __all__ = [
     "usable_edits",
     "edit_directionality",
     "edit_spots",
+    "probe_seed_summary",
     "DEFAULT_MIN_SHIFT",
     "load_realism_extractors",
     "realism",

@@ -15,7 +15,14 @@ import numpy as np
 from bundle.evaluation.generation import Generator, generate_patches
 from bundle.evaluation.probe import Probe
 
-__all__ = ["DEFAULT_EDITS", "DEFAULT_MIN_SHIFT", "usable_edits", "edit_spots", "edit_directionality"]
+__all__ = [
+    "DEFAULT_EDITS",
+    "DEFAULT_MIN_SHIFT",
+    "usable_edits",
+    "edit_spots",
+    "edit_directionality",
+    "probe_seed_summary",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -244,4 +251,30 @@ def edit_directionality(
         "overall_p_value": float(binomtest(k_all, n_all, 0.5, alternative="greater").pvalue) if n_all else None,
         "num_spots": len(scored),
         "min_shift": float(min_shift),
+    }
+
+
+def probe_seed_summary(results: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> dict[str, Any]:
+    """Each edit's rate under several probes: the :func:`edit_directionality` results of the same patches read by
+    probes trained with ``seeds`` (the first: the evaluation's own probe).
+
+    Returns:
+        ``seeds``; per edit (``edits``) the ``fractions`` under each probe (None where the edit was not scored) and
+        their ``mean``, ``min`` and ``max``; the same for the pooled rate (``overall``).
+    """
+    if len(results) != len(seeds) or not results:
+        raise ValueError(f"one edit-directionality result per probe seed is needed, got {len(results)} for {seeds}.")
+
+    def spread(fractions: list[float | None]) -> dict[str, Any]:
+        known = [f for f in fractions if f is not None]
+        summary = {"fractions": fractions, "mean": None, "min": None, "max": None}
+        if known:
+            summary.update(mean=float(np.mean(known)), min=float(min(known)), max=float(max(known)))
+        return summary
+
+    names = list(results[0].get("edits", {}))
+    return {
+        "seeds": [int(s) for s in seeds],
+        "edits": {name: spread([r["edits"][name].get("fraction") for r in results]) for name in names},
+        "overall": spread([r.get("overall_fraction") for r in results]),
     }

@@ -54,6 +54,11 @@ def summary_numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
     out["edit_p_value"] = edits.get("overall_p_value")
     for name, res in edits.get("edits", {}).items():
         out[f"edit_{name}_fraction"] = res.get("fraction")
+    seeds = edits.get("probe_seeds")
+    if seeds:
+        out["edit_directionality_probe_mean"] = seeds["overall"]["mean"]
+        for name, res in seeds["edits"].items():
+            out[f"edit_{name}_probe_mean"] = res["mean"]
     out["num_spots"] = metrics.get("settings", {}).get("num_spots")
     return {
         k: float(v)
@@ -83,6 +88,7 @@ _DESCRIPTIONS = {
     "compartment_chance": "frequency of the most common label (always guessing it)",
     "edit_directionality": "edits whose probe reading moved the right way, all edits pooled (chance 0.5)",
     "edit_p_value": "one-sided sign test of the pooled directionality against 0.5",
+    "edit_directionality_probe_mean": "pooled edit directionality averaged over the probes of edit_probe_seeds",
     "num_spots": "spots evaluated (of the split in the header)",
 }
 
@@ -221,6 +227,8 @@ def _description(key: str) -> str:
         return f"KID in the features of the encoder {key[9:]}"
     if key.startswith("edit_") and key.endswith("_fraction"):
         return f"directionality of the edit {key[5:-9]}"
+    if key.startswith("edit_") and key.endswith("_probe_mean") and key not in _DESCRIPTIONS:
+        return f"directionality of the edit {key[5:-11]}, averaged over the probes of edit_probe_seeds"
     return _DESCRIPTIONS.get(key, "")
 
 
@@ -343,29 +351,46 @@ def _scored(res: Mapping[str, Any]) -> str:
     return f"{n} (of {eligible})" if eligible is not None else str(n)
 
 
+def _spread_cell(spread: Mapping[str, Any] | None) -> str:
+    """``mean (min-max)`` of an edit's rates under several probes, as a table cell."""
+    if not spread or spread.get("mean") is None:
+        return "<td class='num'>n/a</td>"
+    return f"<td class='num'>{_fmt(spread['mean'], 2)} ({_fmt(spread['min'], 2)}-{_fmt(spread['max'], 2)})</td>"
+
+
 def _edits_section(edits: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str]:
     """One row per edit and the pooled row, and the edits dropped (nothing when no edit was scored)."""
     if not edits:
         return []
     esc = html.escape
+    seeds = edits.get("probe_seeds")
+    by_seed = f"<th>fraction under {len(seeds['seeds'])} probes: mean (range)</th>" if seeds else ""
     out = [
         "<h2>Edit directionality</h2>",
         "<table><tr><th>edit</th><th>genes in panel</th><th>spots scored (of those it acts on)</th>"
-        "<th>moved right way</th><th>fraction</th>"
+        f"<th>moved right way</th><th>fraction</th>{by_seed}"
         "<th>mean signed shift (sd)</th><th>sign-test p</th></tr>",
     ]
     for name, res in edits.get("edits", {}).items():
         genes = res.get("genes", [])
         shown = ", ".join(genes[:6]) + (f" +{len(genes) - 6}" if len(genes) > 6 else "")
+        spread = _spread_cell(seeds["edits"].get(name)) if seeds else ""
         out.append(
             f"<tr><td>{esc(name)}</td><td>{esc(shown)}</td><td class='num'>{_scored(res)}</td>"
-            f"<td class='num'>{_fmt(res.get('moved'))}</td><td class='num'>{_fmt(res.get('fraction'))}</td>"
+            f"<td class='num'>{_fmt(res.get('moved'))}</td><td class='num'>{_fmt(res.get('fraction'))}</td>{spread}"
             f"{_td(res.get('mean_signed_shift'))}{_td(res.get('p_value'))}</tr>"
         )
+    spread = _spread_cell(seeds["overall"]) if seeds else ""
     out.append(
         f"<tr><th>all</th><td></td><td class='num'>{edits.get('overall_n', 0)}</td><td></td>"
-        f"{_td(edits.get('overall_fraction'))}<td></td>{_td(edits.get('overall_p_value'))}</tr></table>"
+        f"{_td(edits.get('overall_fraction'))}{spread}<td></td>{_td(edits.get('overall_p_value'))}</tr></table>"
     )
+    if seeds:
+        out.append(
+            f"<p class='note'>The same patches read by CNN probes trained with the seeds "
+            f"{', '.join(str(s) for s in seeds['seeds'])} (the first is the probe of the other columns); the probe's "
+            "seed moves a rate about as much as the choice of spots does.</p>"
+        )
     if settings.get("edit_min_shift") is not None:
         out.append(
             f"<p class='note'>Each edit is scored on up to {settings.get('num_edit_spots')} spots where it moves the "

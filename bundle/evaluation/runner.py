@@ -27,7 +27,7 @@ import torch
 
 from bundle.distributed import rank
 from bundle.evaluation.compartments import compartment_agreement
-from bundle.evaluation.edits import edit_directionality, edit_spots, usable_edits
+from bundle.evaluation.edits import edit_directionality, edit_spots, probe_seed_summary, usable_edits
 from bundle.evaluation.fidelity import probe_scores, write_per_gene_table
 from bundle.evaluation.figure import write_real_vs_generated
 from bundle.evaluation.generation import Generator, cached_array, generate_patches, generated_size, key_hash
@@ -284,6 +284,13 @@ def _fit_probe(
             feature_batch_size,
             seed,
         )
+    return _train_cnn_probe(settings, spots, patch_size, seed, device)
+
+
+def _train_cnn_probe(
+    settings: ProbeSettings, spots: EvaluationSpots, patch_size: int, seed: int, device: str | torch.device
+) -> Probe:
+    """The CNN probe trained with ``seed`` on the real training patches."""
     return train_probe(
         spots.train_images,
         spots.train_expression,
@@ -344,6 +351,7 @@ def _generate_edits(
     scored = {
         "num_edit_spots": int(settings.num_spots or 0) if kept else 0,
         "edit_min_shift": float(settings.min_shift),
+        "edit_probe_seeds": int(settings.probe_seeds),
         "edits": kept,
         "edits_dropped": [e for e in edits if e not in kept],
     }
@@ -407,6 +415,51 @@ def _score_edits(
         plan.picks,
         plan.scored["edit_min_shift"],
     )
+
+
+def _check_probe_seeds(edits: EditSettings, probe: ProbeSettings, use_encoder_probe: bool) -> None:
+    """Refuse ``edit_probe_seeds`` above 1 where the probe cannot be retrained with other seeds (before any patch is
+    generated)."""
+    if edits.probe_seeds == 1:
+        return
+    if probe.trained is not None:
+        raise ValueError(
+            f"edit_probe_seeds {edits.probe_seeds} retrains the evaluation's CNN probe with other seeds, but a trained "
+            "probe was passed in (ProbeSettings.trained), which cannot be retrained; set edit_probe_seeds to 1."
+        )
+    if use_encoder_probe:
+        raise ValueError(
+            f"edit_probe_seeds {edits.probe_seeds} retrains the CNN probe with other seeds; the encoder probe (ridge "
+            "regression on a pathology encoder's features) has no seed to vary. Set edit_probe_seeds to 1, or "
+            "probe_type to 'cnn'."
+        )
+
+
+def _score_edits_with_probe_seeds(
+    edit_result: dict[str, Any],
+    generator: Generator,
+    settings: ProbeSettings,
+    spots: EvaluationSpots,
+    generated: np.ndarray,
+    plan: _EditPlan,
+    num_probes: int,
+    batch_size: int,
+    patch_size: int,
+    seed: int,
+    device: str | torch.device,
+) -> dict[str, Any]:
+    """``edit_result`` with ``probe_seeds``: the same edited patches read by CNN probes trained with the seeds ``seed``
+    (the evaluation's probe, whose result ``edit_result`` is) to ``seed + num_probes - 1``
+    (:func:`probe_seed_summary`)."""
+    if num_probes == 1 or not edit_result:
+        return edit_result
+    results, seeds = [edit_result], [int(seed)]
+    for extra in range(int(seed) + 1, int(seed) + num_probes):
+        logger.info("edit directionality: probe seed %d (%d of %d)", extra, len(seeds) + 1, num_probes)
+        reader = _train_cnn_probe(settings, spots, patch_size, extra, device)
+        results.append(_score_edits(generator, reader, spots, generated, plan, batch_size))
+        seeds.append(extra)
+    return {**edit_result, "probe_seeds": probe_seed_summary(results, seeds)}
 
 
 def _settings_record(
@@ -544,6 +597,7 @@ def evaluate(
     realism, edits = realism or RealismSettings(), edits or EditSettings()
     laps = _Laps()
     extractors, use_encoder_probe = _prepare_extractors(realism, probe, device)
+    _check_probe_seeds(edits, probe, use_encoder_probe)
     laps("load_extractors")
     spots = _load_spots(data, probe, _check_inputs(generator, data), seed)
     laps("load_real_patches")
@@ -566,6 +620,21 @@ def evaluate(
     laps("fidelity")
     edit_result = _score_edits(generator, trained, spots, generated, edit_plan, generation.batch_size)
     laps("edits")
+    edit_result = _score_edits_with_probe_seeds(
+        edit_result,
+        generator,
+        probe,
+        spots,
+        generated,
+        edit_plan,
+        edits.probe_seeds,
+        generation.batch_size,
+        data.patch_size,
+        seed,
+        device,
+    )
+    if edits.probe_seeds > 1:
+        laps("edit_probe_seeds")
     run = {
         "probe_type": trained.kind,
         "ceiling_threshold": float(probe.ceiling_threshold),

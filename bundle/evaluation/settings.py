@@ -9,6 +9,7 @@ keys keep working.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -193,12 +194,29 @@ class EditSettings:
             (:func:`bundle.sampling.edits.builtin_gene_sets`). ``configs/evaluate.json`` passes
             ``bundle.sampling.generation.load_gene_sets(@gene_sets_file)``: the built-in sets plus, overriding them,
             those of ``gene_sets_file``.
+        probe_seeds: probes reading the edits: 1 scores them with the evaluation's probe only; K > 1 also trains the
+            CNN probe with the seeds ``seed + 1 ... seed + K - 1`` on the same real patches and reports each edit's
+            rate under every probe, with their mean and range (:func:`bundle.evaluation.edits.probe_seed_summary`).
+            The probe's seed moves a rate as much as the choice of spots does.
     """
 
     edits: Sequence[str] | None = DEFAULT_EDITS
     num_spots: int = 64
     gene_sets: Mapping[str, Sequence[str]] | None = None
     min_shift: float = DEFAULT_MIN_SHIFT
+    probe_seeds: int = 1
+
+    def __post_init__(self) -> None:
+        try:
+            count = float(self.probe_seeds) if not isinstance(self.probe_seeds, bool) else math.nan
+        except (TypeError, ValueError):
+            count = math.nan
+        if not (math.isfinite(count) and count >= 1 and count == int(count)):
+            raise ValueError(
+                f"edit_probe_seeds must be a whole number of at least 1 (probes that read the edits; 1: the "
+                f"evaluation's own probe only), got {self.probe_seeds!r}."
+            )
+        self.probe_seeds = int(count)
 
 
 @dataclass
