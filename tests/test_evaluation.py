@@ -245,6 +245,22 @@ def test_probe_seed_summary_and_setting():
             S.EditSettings(probe_seeds=bad)
 
 
+def test_edit_readability_on_real_patches():
+    """An edit is readable when the probe's reading of its genes on real patches follows their measured level."""
+    genes = ["PTPRC", "CD3E", "COL1A1", "ACTB"]
+    rng = np.random.default_rng(0)
+    expression = rng.uniform(0.0, 3.0, size=(50, 4)).astype(np.float32)
+    mean, std = expression.mean(axis=0), expression.std(axis=0)
+    probe = E.Probe("cnn", genes, [], mean, std, None, lambda x: (None, None))
+    predictions = (expression - mean) / std
+    predictions[:, 2] = rng.normal(size=50)  # the probe reads nothing of COL1A1
+    results = {"immune*4": {"genes": ["PTPRC", "CD3E"]}, "stroma*4": {"genes": ["COL1A1"]}, "x*2": {"genes": []}}
+    out = E.edit_readability(probe, predictions, expression, results, threshold=0.3)
+    assert out["immune*4"]["real_r"] == pytest.approx(1.0) and out["immune*4"]["readable"]
+    assert abs(out["stroma*4"]["real_r"]) < 0.3 and not out["stroma*4"]["readable"]
+    assert out["x*2"] == {"real_r": None, "readable": False}
+
+
 def test_settings_and_patch_cache(tmp_path):
     from bundle.evaluation.generation import cached_array, generated_size, safe_name
 
@@ -354,6 +370,10 @@ def test_evaluate_oracle_vs_shuffled_reports(demo_dataset, spots, probe, tmp_pat
     assert "not computed" in report and report.count("<img") == 2 * min(24, n)
     immune = saved["edits"]["edits"]["immune*4"]
     assert f"{immune['n']} (of {immune['eligible']})" in report and "by at least 0.5 (log1p units" in report
+    # the probe reads immune tissue on real demo patches; the readability of every edit is recorded and shown
+    assert immune["readable"] and immune["real_r"] > 0.5, immune
+    assert all({"real_r", "readable"} <= set(res) for res in saved["edits"]["edits"].values())
+    assert "probe reads the genes on real patches (r)" in report and f"{immune['real_r']:.2f}" in report
 
     # MLflow: both runs with their metrics and artifacts
     client = MlflowClient(tracking_uri=uri)

@@ -22,6 +22,7 @@ __all__ = [
     "edit_spots",
     "edit_directionality",
     "probe_seed_summary",
+    "edit_readability",
 ]
 
 logger = logging.getLogger(__name__)
@@ -278,3 +279,45 @@ def probe_seed_summary(results: Sequence[Mapping[str, Any]], seeds: Sequence[int
         "edits": {name: spread([r["edits"][name].get("fraction") for r in results]) for name in names},
         "overall": spread([r.get("overall_fraction") for r in results]),
     }
+
+
+def edit_readability(
+    probe: Probe,
+    real_predictions: np.ndarray,
+    expression: np.ndarray,
+    edit_results: Mapping[str, Any],
+    threshold: float = 0.3,
+) -> dict[str, dict[str, Any]]:
+    """Can the probe read each edit's genes at all? An edit rate means little when it cannot.
+
+    For each scored edit: the Pearson r, over the evaluated spots, between the mean of the edited genes in the probe's
+    prediction on the REAL patches and in the spots' measured expression (standardised the probe's way); the edit is
+    ``readable`` when r is at least ``threshold`` (the evaluation's ``ceiling_threshold``, the same bar as for a
+    readable gene).
+
+    Args:
+        probe: the probe (for its genes, mean and standard deviation).
+        real_predictions: ``(N, G)`` its standardised predictions on the real patches of the evaluated spots.
+        expression: ``(N, G)`` those spots' measured expression (log-normalised).
+        edit_results: ``edit_directionality(...)["edits"]`` (the ``genes`` of each edit).
+        threshold: the smallest r of a readable edit.
+
+    Returns:
+        per edit ``{"real_r": r or None (constant), "readable": bool}``.
+    """
+    from bundle.evaluation.fidelity import pearson_per_column
+
+    index = {g: i for i, g in enumerate(probe.genes)}
+    truth = (np.asarray(expression, np.float64) - probe.mean) / probe.std
+    out: dict[str, dict[str, Any]] = {}
+    for name, res in edit_results.items():
+        idx = [index[g] for g in res.get("genes", []) if g in index]
+        if not idx or len(truth) < 3:
+            out[name] = {"real_r": None, "readable": False}
+            continue
+        r = pearson_per_column(
+            truth[:, idx].mean(axis=1, keepdims=True), np.asarray(real_predictions)[:, idx].mean(axis=1, keepdims=True)
+        )[0]
+        value = float(r) if np.isfinite(r) else None
+        out[name] = {"real_r": value, "readable": value is not None and value >= threshold}
+    return out

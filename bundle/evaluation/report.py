@@ -358,6 +358,14 @@ def _spread_cell(spread: Mapping[str, Any] | None) -> str:
     return f"<td class='num'>{_fmt(spread['mean'], 2)} ({_fmt(spread['min'], 2)}-{_fmt(spread['max'], 2)})</td>"
 
 
+def _readability_cell(res: Mapping[str, Any]) -> str:
+    """``0.91`` or ``0.12 (not readable)``: the probe's r for the edit's genes on real patches."""
+    if res.get("real_r") is None:
+        return "<td class='num'>n/a</td>" if "real_r" in res else "<td></td>"
+    flag = "" if res.get("readable") else " (not readable)"
+    return f"<td class='num'>{_fmt(res['real_r'], 2)}{flag}</td>"
+
+
 def _edits_section(edits: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str]:
     """One row per edit and the pooled row, and the edits dropped (nothing when no edit was scored)."""
     if not edits:
@@ -369,7 +377,7 @@ def _edits_section(edits: Mapping[str, Any], settings: Mapping[str, Any]) -> lis
         "<h2>Edit directionality</h2>",
         "<table><tr><th>edit</th><th>genes in panel</th><th>spots scored (of those it acts on)</th>"
         f"<th>moved right way</th><th>fraction</th>{by_seed}"
-        "<th>mean signed shift (sd)</th><th>sign-test p</th></tr>",
+        "<th>mean signed shift (sd)</th><th>sign-test p</th><th>probe reads the genes on real patches (r)</th></tr>",
     ]
     for name, res in edits.get("edits", {}).items():
         genes = res.get("genes", [])
@@ -378,13 +386,21 @@ def _edits_section(edits: Mapping[str, Any], settings: Mapping[str, Any]) -> lis
         out.append(
             f"<tr><td>{esc(name)}</td><td>{esc(shown)}</td><td class='num'>{_scored(res)}</td>"
             f"<td class='num'>{_fmt(res.get('moved'))}</td><td class='num'>{_fmt(res.get('fraction'))}</td>{spread}"
-            f"{_td(res.get('mean_signed_shift'))}{_td(res.get('p_value'))}</tr>"
+            f"{_td(res.get('mean_signed_shift'))}{_td(res.get('p_value'))}{_readability_cell(res)}</tr>"
         )
     spread = _spread_cell(seeds["overall"]) if seeds else ""
     out.append(
         f"<tr><th>all</th><td></td><td class='num'>{edits.get('overall_n', 0)}</td><td></td>"
-        f"{_td(edits.get('overall_fraction'))}{spread}<td></td>{_td(edits.get('overall_p_value'))}</tr></table>"
+        f"{_td(edits.get('overall_fraction'))}{spread}<td></td>{_td(edits.get('overall_p_value'))}<td></td></tr></table>"
     )
+    unreadable = [name for name, res in edits.get("edits", {}).items() if res.get("readable") is False]
+    if unreadable:
+        out.append(
+            f"<p class='note'>Not readable: {esc(', '.join(unreadable))}. On the real patches of these spots the "
+            f"probe's reading of the edited genes follows their measured level with r below "
+            f"{_fmt(settings.get('ceiling_threshold'), 2)}, so whether the tissue moved can hardly be read either: "
+            "their rates say little about the model.</p>"
+        )
     if seeds:
         out.append(
             f"<p class='note'>The same patches read by CNN probes trained with the seeds "

@@ -27,7 +27,7 @@ import torch
 
 from bundle.distributed import rank
 from bundle.evaluation.compartments import compartment_agreement
-from bundle.evaluation.edits import edit_directionality, edit_spots, probe_seed_summary, usable_edits
+from bundle.evaluation.edits import edit_directionality, edit_readability, edit_spots, probe_seed_summary, usable_edits
 from bundle.evaluation.fidelity import probe_scores, write_per_gene_table
 from bundle.evaluation.figure import write_real_vs_generated
 from bundle.evaluation.generation import Generator, cached_array, generate_patches, generated_size, key_hash
@@ -308,8 +308,9 @@ def _train_cnn_probe(
 
 def _score_probe(
     probe: Probe, spots: EvaluationSpots, generated: np.ndarray, settings: ProbeSettings, seed: int
-) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
-    """Fidelity, compartment agreement, and per spot the caption of the report (labels given by the probe)."""
+) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], np.ndarray]:
+    """Fidelity, compartment agreement, per spot the caption of the report (labels given by the probe), and the
+    probe's expression predictions on the real patches."""
     pred_real, label_real = probe.predict(spots.real)
     pred_gen, label_gen = probe.predict(generated)
     fidelity = probe_scores(
@@ -336,7 +337,7 @@ def _score_probe(
         }
         for i, e in enumerate(spots.entries)
     ]
-    return fidelity, compartments, captions
+    return fidelity, compartments, captions, pred_real
 
 
 def _generate_edits(
@@ -616,9 +617,13 @@ def evaluate(
         probe, spots, extractors, use_encoder_probe, realism.feature_batch_size, data.patch_size, seed, device
     )
     laps("train_probe")
-    fidelity, compartments, captions = _score_probe(trained, spots, generated, probe, seed)
+    fidelity, compartments, captions, pred_real = _score_probe(trained, spots, generated, probe, seed)
     laps("fidelity")
     edit_result = _score_edits(generator, trained, spots, generated, edit_plan, generation.batch_size)
+    if edit_result:
+        readable = edit_readability(trained, pred_real, spots.expression, edit_result["edits"], probe.ceiling_threshold)
+        for name, res in edit_result["edits"].items():
+            res.update(readable[name])
     laps("edits")
     edit_result = _score_edits_with_probe_seeds(
         edit_result,
