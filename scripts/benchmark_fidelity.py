@@ -127,6 +127,15 @@ def evaluate_row(name: str, row: dict, work: Path) -> tuple[float, dict]:
     return seconds, json.loads((eval_dir / "metrics.json").read_text())
 
 
+def _per_edit(summary: dict, suffix: str) -> dict:
+    """``{edit: value}`` of the summary keys ``edit_<edit><suffix>`` (not the pooled ``edit_directionality...``)."""
+    return {
+        k.removeprefix("edit_").removesuffix(suffix): v
+        for k, v in summary.items()
+        if k.startswith("edit_") and k.endswith(suffix) and not k.startswith("edit_directionality")
+    }
+
+
 def summarise(metrics: dict) -> dict:
     s, comp = metrics["summary"], metrics["compartments"]
     recalls = {
@@ -134,16 +143,7 @@ def summarise(metrics: dict) -> dict:
         for label, values in (comp.get("per_class") or {}).items()
         if isinstance(values, dict) and values.get("generated_agreement") is not None
     }
-    edits = {
-        k.removeprefix("edit_").removesuffix("_fraction"): v
-        for k, v in s.items()
-        if k.startswith("edit_") and k.endswith("_fraction")
-    }
-    probe_means = {
-        k.removeprefix("edit_").removesuffix("_probe_mean"): v
-        for k, v in s.items()
-        if k.startswith("edit_") and k.endswith("_probe_mean") and k != "edit_directionality_probe_mean"
-    }
+    edits, probe_means = _per_edit(s, "_fraction"), _per_edit(s, "_probe_mean")
     return {
         "compartment_real": s["compartment_real_accuracy"],
         "compartment_generated": s["compartment_generated_agreement"],

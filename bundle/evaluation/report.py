@@ -221,15 +221,17 @@ def _header_section(settings: Mapping[str, Any]) -> list[str]:
 
 
 def _description(key: str) -> str:
+    if key in _DESCRIPTIONS:
+        return _DESCRIPTIONS[key]
     if key.startswith("fid_"):
         return f"FID in the features of the encoder {key[4:]}"
     if key.startswith("kid_mean_"):
         return f"KID in the features of the encoder {key[9:]}"
     if key.startswith("edit_") and key.endswith("_fraction"):
         return f"directionality of the edit {key[5:-9]}"
-    if key.startswith("edit_") and key.endswith("_probe_mean") and key not in _DESCRIPTIONS:
+    if key.startswith("edit_") and key.endswith("_probe_mean"):
         return f"directionality of the edit {key[5:-11]}, averaged over the probes of edit_probe_seeds"
-    return _DESCRIPTIONS.get(key, "")
+    return ""
 
 
 def _summary_section(metrics: Mapping[str, Any]) -> list[str]:

@@ -9,7 +9,7 @@ keys keep working.
 
 from __future__ import annotations
 
-import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -207,11 +207,12 @@ class EditSettings:
     probe_seeds: int = 1
 
     def __post_init__(self) -> None:
-        try:
-            count = float(self.probe_seeds) if not isinstance(self.probe_seeds, bool) else math.nan
-        except (TypeError, ValueError):
-            count = math.nan
-        if not (math.isfinite(count) and count >= 1 and count == int(count)):
+        count = self.probe_seeds  # the command line may give "5"; a config, 5.0
+        if isinstance(count, str) and count.strip().isdigit():
+            count = int(count)
+        elif isinstance(count, float) and count.is_integer():
+            count = int(count)
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
             raise ValueError(
                 f"edit_probe_seeds must be a whole number of at least 1 (probes that read the edits; 1: the "
                 f"evaluation's own probe only), got {self.probe_seeds!r}."
