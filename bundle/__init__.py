@@ -7,4 +7,4 @@ imported only inside the functions that need them.
 
 from __future__ import annotations
 
-__version__ = "0.7.1"
+__version__ = "0.8.0"

@@ -56,6 +56,16 @@ ROWS: dict[str, dict] = {
         "model": "latent_cache",
         "evaluate": {"guidance_scale": 6.0},
     },
+    "expression_guidance_0": {
+        "desc": "latent_cache model, expression guidance off",
+        "model": "latent_cache",
+        "evaluate": {"expression_guidance_scale": 0.0},
+    },
+    "expression_guidance_140": {
+        "desc": "latent_cache model, expression guidance 140",
+        "model": "latent_cache",
+        "evaluate": {"expression_guidance_scale": 140.0},
+    },
     "steps_50": {
         "desc": "latent_cache model, 50 DDIM steps",
         "model": "latent_cache",

@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="base seed (a spot's seed: seed + its row in the input)")
     parser.add_argument("--num-inference-steps", type=int, default=None, help="denoising steps (default: the config's)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
+    parser.add_argument(
+        "--expression-guidance-scale", type=float, default=None, help="expression guidance scale (0 = off)"
+    )
     parser.add_argument("--scheduler", default=None, choices=["ddim", "ddpm"], help="sampler (default: the config's)")
     parser.add_argument("--model-path", default=None, help="models/model.pt")
     parser.add_argument("--autoencoder-path", default=None, help="models/autoencoder.pt")
@@ -73,6 +76,7 @@ def read_config(args: argparse.Namespace):
         "seed": args.seed,
         "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale,
+        "expression_guidance_scale": args.expression_guidance_scale,
         "scheduler": args.scheduler,
         "model_path": args.model_path,
         "autoencoder_path": args.autoencoder_path,
@@ -102,6 +106,7 @@ def describe(args, config, output: Path, labels, images, spots, rows, seeds, eff
         "edits": effects,
         "seed": int(config.get_parsed_content("seed")),
         "guidance_scale": config.get_parsed_content("guidance_scale"),
+        "expression_guidance_scale": config.get_parsed_content("expression_guidance_scale"),
         "num_inference_steps": int(config.get_parsed_content("num_inference_steps")),
         "scheduler": str(config.get_parsed_content("scheduler")).lower(),
         "model_path": str(Path(config.get_parsed_content("model_path")).resolve()),

@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the config's)")
+    parser.add_argument(
+        "--expression-guidance-scale", type=float, default=None, help="expression guidance (default: the config's)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the slide's noise (default 0)")
     parser.add_argument("--overlap", type=float, default=0.5, help="window overlap in [0, 1) (default 0.5)")
     parser.add_argument("--no-blend", action="store_true", help="naive tiling: non-overlapping windows, no blending")
@@ -139,6 +142,7 @@ def load_pipeline(args: argparse.Namespace) -> tuple[Any, Any]:
         "model_path": args.model_path,
         "autoencoder_path": args.autoencoder_path,
         "device": args.device,
+        "expression_guidance_scale": args.expression_guidance_scale,
     }
     config = read_inference_config(config_files, overrides)
     return config.get_parsed_content("pipeline"), config

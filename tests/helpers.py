@@ -79,6 +79,7 @@ TINY_TRAIN = {
     "warmup_iterations": 1,
     "sample_interval": 2,
     "num_inference_steps": 2,
+    "expression_reader_iterations": 5,
 }
 
 

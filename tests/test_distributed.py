@@ -103,7 +103,7 @@ def test_torchrun_two_processes_gloo(demo_dataset, tmp_path):
     assert proc.returncode == 0, f"torchrun failed ({elapsed:.0f} s):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
 
     models = root / "models"
-    assert sorted(p.name for p in models.iterdir()) == ["autoencoder.pt", "model.pt"]
+    assert sorted(p.name for p in models.iterdir()) == ["autoencoder.pt", "expression_reader.pt", "model.pt"]
     model = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
     assert model["iteration"] == TINY_TRAIN["num_iterations"]
     assert not any(k.startswith("module.") for k in model["network"])  # the unwrapped EMA copy was saved

@@ -24,6 +24,7 @@ MANIFEST_COLUMNS = [
     "y_um",
     "edits",
     "guidance_scale",
+    "expression_guidance_scale",
     "num_inference_steps",
     "scheduler",
     "eta",
@@ -310,6 +311,34 @@ def test_wrong_architecture_unknown_spot_and_foreign_output_dir_refused(tiny, tm
     assert not list(tmp_path.glob(".*partial*"))
 
 
+def test_expression_guidance_from_the_config(tiny, reference_run, tmp_path):
+    from bundle.expression_guidance import ExpressionReader, save_expression_reader
+
+    reader_path = tiny["root"] / "models" / "expression_reader.pt"
+    with pytest.raises(Exception) as info:
+        run_inference(tiny, tmp_path / "no_reader", expression_guidance_scale=50.0)
+    assert "expression_reader.pt" in str(_cause(info.value, FileNotFoundError))
+    assert not (tmp_path / "no_reader").exists()
+    torch.manual_seed(0)
+    reader = ExpressionReader(3, len(tiny["genes"]), len(tiny["genes"]))
+    save_expression_reader(tmp_path / "other_autoencoder.pt", reader, tiny["genes"], 0.25)
+    with pytest.raises(Exception) as info:
+        run_inference(tiny, tmp_path / "other", expression_guidance_scale=50.0,
+                      expression_reader_path=str(tmp_path / "other_autoencoder.pt"))  # fmt: skip
+    assert "another autoencoder" in str(_cause(info.value, ValueError))
+    save_expression_reader(reader_path, reader, tiny["genes"], 0.5)
+    try:
+        off = run_inference(tiny, tmp_path / "off", expression_guidance_scale=0.0)
+        guided = run_inference(tiny, tmp_path / "guided", expression_guidance_scale=5000.0)
+    finally:
+        reader_path.unlink()
+    assert {r["expression_guidance_scale"] for r in read_manifest(guided)} == {"5000.0"}
+    reference, plain, steered = pixels(reference_run), pixels(off), pixels(guided)
+    for spot in plain:
+        assert_same_patch(plain[spot], reference[spot])  # scale 0 is the sampler without guidance
+    assert any(not np.array_equal(steered[s], plain[s]) for s in plain)
+
+
 def test_ddpm_scheduler_and_edits(tiny, reference_run, tmp_path):
     from bundle.io.spots import read_spots
     from bundle.sampling.generation import spot_datalist
@@ -387,7 +416,19 @@ def test_slide_script_synthesises_from_a_spaceranger_folder(tiny, tmp_path):
     args += ["--model-path", str(tiny["model_path"]), "--autoencoder-path", str(tiny["autoencoder_path"])]
     args += ["--input", str(tiny["spaceranger"]), "--region", str(x - 64), str(y - 64), str(x + 64), str(y + 64)]
     args += ["--output", str(output), "--summary-json", str(summary), "--device", "cpu", "--quiet"]
-    assert script.main(args + ["--thumbnail", str(tmp_path / "thumb.png")]) == 0
+    with pytest.raises(RuntimeError) as info:  # demo.json samples with expression guidance: no reader, no slide
+        script.main(args)
+    assert "expression_reader.pt" in str(_cause(info.value, FileNotFoundError)) and not output.exists()
+    from bundle.expression_guidance import ExpressionReader, save_expression_reader
+
+    reader_path = tiny["model_path"].parent / "expression_reader.pt"
+    torch.manual_seed(0)
+    save_expression_reader(reader_path, ExpressionReader(3, len(tiny["genes"]), 4), tiny["genes"], 0.5)
+    try:  # guided per window, as demo.json sets
+        assert script.main(args + ["--thumbnail", str(tmp_path / "thumb.png")]) == 0
+    finally:
+        reader_path.unlink()
     written = json.loads(summary.read_text())
     assert written["num_inference_steps"] == 2 and written["mpp"] == pytest.approx(4.0)  # the tiny layer's steps
+    assert written["expression_guidance_scale"] == 70.0
     assert tifffile.imread(output).shape == (*written["shape"], 3) and (tmp_path / "thumb.png").is_file()

@@ -68,6 +68,11 @@ def test_train_runs_both_stages(trained_bundle, demo_dataset):
     assert (root / "outputs" / "samples" / "grid_latest.png").is_file()
     assert (root / "outputs" / "samples" / "grid_iter2.png").is_file()
     assert list((root / "outputs" / "diffusion_checkpoints").glob("checkpoint*.pt"))
+    from bundle.expression_guidance import load_expression_reader
+
+    reader = load_expression_reader(root / "models" / "expression_reader.pt", genes, scale_factor)  # the last step
+    assert reader.config["num_genes"] == len(genes) and reader.summary["iterations"] == 5
+    assert (root / "outputs" / "latent_cache" / "latents.npy").is_file()  # built for the reader (no latent_cache)
 
 
 def test_mlflow_run_has_params_metrics_and_grids(trained_bundle):
@@ -139,3 +144,26 @@ def test_validation_subset_is_fixed_seeded_and_ordered():
     assert validation_subset(entries, 50) == entries
     with pytest.raises(ValueError, match="num_val_spots must be None or 0"):
         validation_subset(entries, -1)
+
+
+def test_reader_script_fits_the_reader_of_a_trained_model(trained_bundle, demo_dataset, tmp_path):
+    import json
+
+    from bundle.expression_guidance import load_expression_reader
+    from scripts.train_expression_reader import main, overrides
+
+    ckpt_dir = tmp_path / "models"
+    ckpt_dir.mkdir()
+    (ckpt_dir / "autoencoder.pt").write_bytes((trained_bundle / "models" / "autoencoder.pt").read_bytes())
+    settings = {**TINY_TRAIN, "expression_reader_iterations": 3, "expression_reader_components": 4}
+    sets = [f"{k}={json.dumps(v)}" for k, v in settings.items()]
+    common = [f"bundle_root={trained_bundle}", f"ckpt_dir={ckpt_dir}", f"dataset_dir={demo_dataset}"]
+    argv = ["--config-file", str(CONFIGS / "train.json")]
+    assert main(argv + [x for s in common + sets for x in ("--set", s)]) == 0
+    reader = load_expression_reader(ckpt_dir / "expression_reader.pt")
+    assert reader.config["num_components"] == 4 and reader.summary["iterations"] == 3
+    with pytest.raises(SystemExit, match="no autoencoder checkpoint"):
+        main(argv + ["--set", f"bundle_root={trained_bundle}", "--set", f"ckpt_dir={tmp_path / 'none'}"])
+    with pytest.raises(SystemExit, match="write KEY=VALUE"):
+        overrides(["ckpt_dir"])
+    assert overrides(["a=3", "b=x/y", 'c={"d": 1}']) == {"a": 3, "b": "x/y", "c": {"d": 1}}

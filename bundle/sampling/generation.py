@@ -50,6 +50,8 @@ def load_pipeline(
     eta: float = 0.0,
     architecture: dict[str, Any] | None = None,
     batched_guidance: bool = True,
+    expression_guidance_scale: float = 0.0,
+    expression_reader_path: str | os.PathLike | None = None,
 ) -> ExpressionToTissuePipeline:
     """Build an :class:`ExpressionToTissuePipeline` from the two model-zoo checkpoints.
 
@@ -64,6 +66,10 @@ def load_pipeline(
         eta: DDIM noise.
         architecture: the config's architecture settings, compared with the ones training recorded.
         batched_guidance: CFG as one batched forward (default) or two.
+        expression_guidance_scale: step size of expression guidance (:mod:`bundle.expression_guidance`); 0 (default)
+            is off and reads no reader.
+        expression_reader_path: ``models/expression_reader.pt`` of the same training run; read only when
+            ``expression_guidance_scale`` > 0 (refused when it was made for another panel or autoencoder).
     """
     from bundle.autoencoder import load_autoencoder_checkpoint
     from bundle.checkpoints import load_model
@@ -95,6 +101,15 @@ def load_pipeline(
         eta=eta,
         batched_guidance=batched_guidance,
     )
+    if expression_guidance_scale:
+        from bundle.expression_guidance import load_expression_reader
+
+        if expression_reader_path is None:
+            raise ValueError(
+                "expression_guidance_scale > 0 needs expression_reader_path (models/expression_reader.pt)."
+            )
+        reader = load_expression_reader(expression_reader_path, info["gene_panel"], scale_factor, device)
+        pipeline.set_expression_guidance(reader, expression_guidance_scale)
     pipeline.info = info
     return pipeline
 

@@ -50,6 +50,10 @@ class ExpressionToTissuePipeline:
             model's device (CPU or CUDA); their outputs, the scheduler steps and the latents stay float32. Defaults to
             False (float32). :meth:`set_amp` changes it on a built pipeline.
         amp_dtype: the autocast dtype. Defaults to ``torch.bfloat16``.
+        expression_reader: an :class:`bundle.expression_guidance.ExpressionReader` for expression guidance; None
+            (default) samples without it.
+        expression_guidance_scale: step size of expression guidance on the predicted clean latent
+            (:func:`bundle.expression_guidance.guide_output`); 0 (default) is off.
     """
 
     def __init__(
@@ -66,6 +70,8 @@ class ExpressionToTissuePipeline:
         batched_guidance: bool = True,
         amp: bool = False,
         amp_dtype: torch.dtype = torch.bfloat16,
+        expression_reader: nn.Module | None = None,
+        expression_guidance_scale: float = 0.0,
     ) -> None:
         if scale_factor <= 0:
             raise ValueError(
@@ -79,6 +85,23 @@ class ExpressionToTissuePipeline:
         self.num_inference_steps, self.guidance_scale, self.null_value = num_inference_steps, guidance_scale, null_value
         self.eta, self.batched_guidance = float(eta), bool(batched_guidance)
         self.set_amp(amp, amp_dtype)
+        self.set_expression_guidance(expression_reader, expression_guidance_scale)
+
+    def set_expression_guidance(self, reader: nn.Module | None, scale: float = 0.0) -> "ExpressionToTissuePipeline":
+        """Use ``reader`` with step size ``scale`` for expression guidance (``scale`` 0 or no reader: off); returns the
+        pipeline."""
+        scale = float(scale)
+        if not scale >= 0 or scale == float("inf"):
+            raise ValueError(f"expression_guidance_scale must be a finite number >= 0 (0 = off), got {scale}.")
+        if scale > 0 and reader is None:
+            raise ValueError("expression_guidance_scale > 0 needs an expression reader (models/expression_reader.pt).")
+        reader_genes = getattr(reader, "config", {}).get("num_genes")
+        num_genes = getattr(self.network, "num_genes", None)
+        if reader is not None and num_genes is not None and reader_genes not in (None, num_genes):
+            raise ValueError(f"the expression reader reads {reader_genes} genes but the model has {num_genes}.")
+        self.expression_reader = reader
+        self.expression_guidance_scale = scale if reader is not None else 0.0
+        return self
 
     def set_amp(self, enabled: bool = True, dtype: torch.dtype = torch.bfloat16) -> "ExpressionToTissuePipeline":
         """Autocast the network and the decoder in ``dtype`` (or run them in float32 when not ``enabled``); returns the
@@ -199,6 +222,20 @@ class ExpressionToTissuePipeline:
             images = self.autoencoder.decode_stage_2_outputs(latents / self.scale_factor).float()
         return ((images + 1.0) / 2.0).clamp(0.0, 1.0)
 
+    def expression_guidance(self, condition: torch.Tensor):
+        """``(output, latents, t) -> output`` that applies expression guidance towards ``condition`` (identity when
+        off; samples whose condition is the null condition are not guided)."""
+        reader, scale = self.expression_reader, self.expression_guidance_scale
+        if reader is None or not scale:
+            return lambda output, latents, t: output
+        from bundle.expression_guidance import guide_output
+
+        reader = reader.to(self.device)
+        targets = reader.programmes(condition).detach()
+        centre = condition[:, 0] if condition.ndim == 3 else condition
+        mask = ~(centre == self.null_value).all(dim=-1)
+        return lambda output, latents, t: guide_output(reader, output, latents, t, targets, scale, self.scheduler, mask)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -237,8 +274,10 @@ class ExpressionToTissuePipeline:
                 from tqdm.auto import tqdm
 
                 timesteps = tqdm(timesteps, desc="denoising", leave=False)
+            guide = self.expression_guidance(condition)
             for t in timesteps:
-                latents = self.step(self.guided_output(latents, t, condition, scale), t, latents, generators)
+                output = guide(self.guided_output(latents, t, condition, scale), latents, t)
+                latents = self.step(output, t, latents, generators)
             # 4. decode and rescale to [0, 1]
             images = self.decode(latents)
         finally:

@@ -270,7 +270,9 @@ def synthesize_slide(
         plan.output_path, height_px, width_px, plan.mpp, len(plan.layout.starts), score,
         "blended" if plan.blend else "naive tiling", timings["total"],
     )  # fmt: skip
-    return _summary(plan, score, timings, memory_mb)
+    summary = _summary(plan, score, timings, memory_mb)
+    summary["expression_guidance_scale"] = float(getattr(pipeline, "expression_guidance_scale", 0.0))
+    return summary
 
 
 def check_slide_outputs(paths: Sequence[str | os.PathLike]) -> None:
@@ -406,7 +408,9 @@ def _accumulate_window_outputs(pipeline, plan: SlidePlan, conditions: np.ndarray
         starts = plan.layout.starts[first : first + plan.batch_size]
         latents = np.stack([canvas.latents[:, r : r + size, c : c + size] for r, c in starts])
         condition = torch.from_numpy(np.asarray(conditions[first : first + len(starts)])).to(device)
-        output = pipeline.guided_output(torch.from_numpy(latents).to(device), t, condition, plan.scale)
+        latents = torch.from_numpy(latents).to(device)
+        output = pipeline.guided_output(latents, t, condition, plan.scale)
+        output = pipeline.expression_guidance(condition)(output, latents, t)
         output = output.float().cpu().numpy() * canvas.window_weights
         for (r, c), out in zip(starts, output):
             canvas.accumulator[:, r : r + size, c : c + size] += out
