@@ -147,12 +147,6 @@ class ExpressionReader(nn.Module):
         return 0.5 * ((self(latents, noise_level) - targets) ** 2 * weights).sum(1)
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a - a.mean(0), b - b.mean(0)
-    denom = np.sqrt((a**2).sum(0) * (b**2).sum(0))
-    return np.where(denom > 0, (a * b).sum(0) / np.where(denom > 0, denom, 1.0), 0.0)
-
-
 def fit_expression_reader(
     latents: np.ndarray,
     expression: np.ndarray,
@@ -243,7 +237,9 @@ def fit_expression_reader(
                 for i in range(0, len(held), 256)
             ]
         )
-    r = _pearson(predicted, targets[held].cpu().numpy())
+    from bundle.evaluation.fidelity import pearson_per_column
+
+    r = np.nan_to_num(pearson_per_column(predicted, targets[held].cpu().numpy()), nan=0.0)  # constant: no weight
     reader.weights.copy_(torch.as_tensor(np.clip(r, 0.0, None) ** 2, dtype=torch.float32))
     summary = {
         "heldout_r": [round(float(v), 4) for v in r],
